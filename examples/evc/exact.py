@@ -1,0 +1,181 @@
+"""Deterministic ("exact") evaluation of the entropy-parameter networks.
+
+Encoder and decoder must compute the same Gaussian scale indices and means bit for bit, or the decoder desyncs.
+Ordinary float convolutions do not guarantee that: the summation order of a reduction depends on the thread count,
+the batch size, the BLAS blocking and the device. We remove the dependence instead of hoping it away:
+
+* The prior networks (``hyper_dec``, ``y_prior_fusion``, ``y_spatial_prior``) consist only of 1x1 convolutions,
+  3x3 depthwise convolutions, LeakyReLUs, residual adds and PixelShuffle.
+* Every 1x1 convolution (the only reductions) is computed in float64 on *integers*: the weights of each output
+  channel are rounded to ``W_BITS`` significant bits (a per-row power-of-two scale), and the input activations of each
+  (sample, pixel) are rounded to ``53 - W_BITS - ceil(log2(fan_in))`` bits relative to their largest magnitude over the
+  channels (a per-pixel power-of-two scale). Every product and every partial sum is then an integer below 2^53, so the
+  float64 matmul is exact, whatever order BLAS adds in. Scaling back by powers of two is exact.
+* Everything else is elementwise IEEE arithmetic (add, multiply, divide, round, compare), correctly rounded and
+  therefore identical in vectorised and scalar code paths. The depthwise 3x3 conv is 9 shifted multiply-adds in a
+  fixed order. No transcendental function is used.
+
+The per-pixel scale is chosen from the data, but max() is exact, so both sides choose the same scale; per-pixel and
+per-sample scales make the result independent of the batch composition. Precision: 20 bits for weights and >= 22 bits
+for activations, i.e. close to float32 accuracy; the exact path differs from the float32 path by float noise only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .layers import (
+    PriorConvFFN,
+    PriorDepthConv,
+    PriorDepthConvBlock,
+    PriorDepthConvBlockUpsample,
+)
+
+__all__ = ["W_BITS", "pow2", "ExactNet", "quantize_rows"]
+
+#: significant bits kept per weight row
+W_BITS = 20
+_MANT = 53
+
+
+def pow2(k: torch.Tensor) -> torch.Tensor:
+    """Exact float64 2**k for integer tensors k in [-1022, 1023], built from the bit pattern (no exp2 call)."""
+    k = k.to(torch.int64).clamp(-1022, 1023)
+    return ((k + 1023) << 52).view(torch.float64)
+
+
+def _exponent(maxabs: torch.Tensor) -> torch.Tensor:
+    """Integer e with maxabs < 2**e (e = 0 for maxabs = 0)."""
+    _, e = torch.frexp(maxabs)
+    return e.to(torch.int64)
+
+
+def quantize_rows(w: torch.Tensor, bits: int = W_BITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round each row of a 2-D float64 matrix to ``bits`` significant bits.
+
+    Returns (integer-valued matrix with |entries| <= 2**bits, per-row exponent k such that w ~= wq * 2**k)."""
+    maxabs = w.abs().amax(dim=1)
+    k = _exponent(maxabs) - bits
+    wq = torch.round(w * pow2(-k).unsqueeze(1))
+    return wq, k
+
+
+class _Lin:
+    """A 1x1 convolution prepared for exact evaluation."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1:
+            raise NotImplementedError("exact path supports only plain 1x1 convolutions here")
+        w = conv.weight.detach().to(torch.float64).flatten(1)
+        self.fan_in = w.shape[1]
+        self.a_bits = _MANT - W_BITS - max(1, math.ceil(math.log2(self.fan_in)))
+        if self.a_bits < 8:
+            raise ValueError(f"fan-in {self.fan_in} too large for exact evaluation")
+        self.wq, k = quantize_rows(w)
+        self.scale_w = pow2(k).view(1, -1, 1)
+        self.bias = conv.bias.detach().to(torch.float64).view(1, -1, 1, 1) if conv.bias is not None else None
+
+    def to(self, device: torch.device) -> "_Lin":
+        self.wq = self.wq.to(device)
+        self.scale_w = self.scale_w.to(device)
+        if self.bias is not None:
+            self.bias = self.bias.to(device)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        xf = x.reshape(b, c, h * w)
+        e = _exponent(xf.abs().amax(dim=1, keepdim=True)) - self.a_bits  # (b,1,hw)
+        xq = torch.round(xf * pow2(-e))  # integers, |xq| <= 2**a_bits
+        acc = torch.matmul(self.wq, xq)  # exact integer sums in float64
+        out = (acc * self.scale_w) * pow2(e)  # two exact power-of-two scalings
+        out = out.view(b, -1, h, w)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
+class _DW:
+    """3x3 depthwise convolution as 9 shifted multiply-adds in a fixed order."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.groups != conv.in_channels:
+            raise NotImplementedError("exact path supports only stride-1 3x3 depthwise convolutions")
+        self.w = conv.weight.detach().to(torch.float64)[:, 0]  # (C,3,3)
+        self.bias = conv.bias.detach().to(torch.float64).view(1, -1, 1, 1)
+
+    def to(self, device: torch.device) -> "_DW":
+        self.w = self.w.to(device)
+        self.bias = self.bias.to(device)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _, c, h, w = x.shape
+        xp = nn.functional.pad(x, (1, 1, 1, 1))
+        out = None
+        for i in range(3):
+            for j in range(3):
+                term = xp[:, :, i:i + h, j:j + w] * self.w[:, i, j].view(1, c, 1, 1)
+                out = term if out is None else out + term
+        return out + self.bias
+
+
+def _lrelu(x: torch.Tensor, slope: float) -> torch.Tensor:
+    return torch.where(x > 0, x, x * slope)
+
+
+def _compile(m: nn.Module, dev: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    if isinstance(m, nn.Sequential):
+        fns = [_compile(c, dev) for c in m]
+
+        def seq(x: torch.Tensor) -> torch.Tensor:
+            for f in fns:
+                x = f(x)
+            return x
+        return seq
+    if isinstance(m, (PriorDepthConvBlock, PriorDepthConvBlockUpsample)):
+        return _compile(m.block, dev)
+    if isinstance(m, PriorDepthConv):
+        c1 = _Lin(m.conv1[0]).to(dev)
+        s1 = m.conv1[1].negative_slope
+        dw = _DW(m.depth_conv).to(dev)
+        c2 = _Lin(m.conv2).to(dev)
+        ad = _Lin(m.adaptor).to(dev) if m.adaptor is not None else None
+
+        def dconv(x: torch.Tensor) -> torch.Tensor:
+            ident = x if ad is None else ad(x)
+            return c2(dw(_lrelu(c1(x), s1))) + ident
+        return dconv
+    if isinstance(m, PriorConvFFN):
+        l1, l2 = _Lin(m.conv[0]).to(dev), _Lin(m.conv[2]).to(dev)
+        sa, sb = m.conv[1].negative_slope, m.conv[3].negative_slope
+
+        def ffn(x: torch.Tensor) -> torch.Tensor:
+            return x + _lrelu(l2(_lrelu(l1(x), sa)), sb)
+        return ffn
+    if isinstance(m, nn.Conv2d):
+        return _Lin(m).to(dev)
+    if isinstance(m, nn.PixelShuffle):
+        r = m.upscale_factor
+        return lambda x: nn.functional.pixel_shuffle(x, r)
+    if isinstance(m, nn.LeakyReLU):
+        s = m.negative_slope
+        return lambda x: _lrelu(x, s)
+    raise NotImplementedError(f"no exact evaluation for {type(m).__name__}")
+
+
+class ExactNet:
+    """Exact float64 twin of a prior network (weights are snapshotted at construction)."""
+
+    def __init__(self, module: nn.Module, device: torch.device | str | None = None) -> None:
+        dev = torch.device(device) if device is not None else next(module.parameters()).device
+        self._fn = _compile(module, dev)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float64:
+            raise TypeError("ExactNet expects float64 input")
+        return self._fn(x)
