@@ -278,7 +278,7 @@ class GroupNormNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def groupnorm_net(num_classes: int = 10) -> nn.Module:
+def groupnorm_net(num_classes: int = 10, width: int = 32, groups: int = 8) -> nn.Module:
     """Classifier built from conv + ``nn.GroupNorm(8, C)`` + ReLU, with one residual add.
 
     Widths 32 -> 64 (s2) -> 64 -> 64 (+residual) -> 128 (s2), global pool,
@@ -286,7 +286,7 @@ def groupnorm_net(num_classes: int = 10) -> nn.Module:
     must keep every group's size consistent (or prune whole groups).
     Input ``N x 3 x 32 x 32``, output ``N x num_classes``.
     """
-    return _finish(GroupNormNet(num_classes))
+    return _finish(GroupNormNet(num_classes, width, groups))
 
 
 # ----------------------------------------------------------------- EVC DepthConv
@@ -361,7 +361,7 @@ ALL_NETS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "resnet20": (lambda: resnet_cifar(20), (1, 3, 32, 32)),
     "mobilenetv2": (mobilenetv2_tiny, (1, 3, 32, 32)),
     "unet": (unet_pixelshuffle, (1, 3, 32, 32)),
-    "groupnorm": (groupnorm_net, (1, 3, 32, 32)),
+    "groupnorm": (lambda: groupnorm_net(groups=16), (1, 3, 32, 32)),
     "depthconv": (depthconv_block_net, (1, 3, 32, 32)),
 }
 """Short name -> (factory with default arguments, example input shape)."""

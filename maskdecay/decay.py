@@ -1,0 +1,228 @@
+"""MaskDecay: drives the masks of the channels a plan removes to exactly zero over N training steps."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .importance import member_weights
+from .masks import ChannelMasks
+from .planning import Plan
+from .regularizers import Regularizer, get_regularizer
+from .schedules import ScheduleLike, evaluate, get_schedule
+
+log = logging.getLogger(__name__)
+
+
+class MaskDecay:
+    """Runs the decay phase inside your own training loop.
+
+    ::
+
+        decay = md.MaskDecay(masks, plan, steps=2000, schedule="cosine", regularizer="sparsity")
+        for x, y in loader:
+            loss = task_loss(model(x), y) + decay.penalty()
+            opt.zero_grad(); loss.backward(); opt.step()
+            decay.step()           # updates the masks (they are not in your optimizer), advances the schedule
+
+    ``decay.step()`` takes a plain SGD step of size ``mask_lr`` on the masks the regularizer learns (their gradient is
+    averaged over ranks under ``torch.distributed``, so every rank keeps identical masks), then applies the
+    regularizer's projection (ceiling, schedule). At step ``N`` every removed mask is set to exactly 0 (for L1/L2/BN/
+    group-lasso that is a cut, whose size is recorded in ``history["cut_jump"]``) and :attr:`done` becomes True;
+    :func:`maskdecay.export` then removes those channels.
+
+    Args:
+        masks: the :class:`~maskdecay.ChannelMasks` of the model.
+        plan: a :class:`~maskdecay.Plan` made for these masks.
+        steps: length N of the decay phase, in optimizer steps.
+        schedule: ``"linear"``, ``"cosine"``, ``"exp"``, ``"step"`` or ``f(t, N) -> [0, 1]``.
+        regularizer: ``"sparsity"``, ``"hard"``, ``"l1"``, ``"l2"``, ``"bn"``, ``"group_lasso"`` or an instance.
+        mask_lr: step size of the mask updates.
+        record_every: history resolution in steps (default: about 200 points over the phase).
+        scaler: a ``torch.amp.GradScaler`` if you use one, so mask gradients are unscaled.
+    """
+
+    def __init__(self, masks: ChannelMasks, plan: Plan, steps: int, schedule: ScheduleLike = "cosine",
+                 regularizer: str | Regularizer = "sparsity", mask_lr: float = 0.05, record_every: int | None = None,
+                 scaler: Any = None) -> None:
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        if mask_lr <= 0:
+            raise ValueError(f"mask_lr must be > 0, got {mask_lr}")
+        plan.check(masks)
+        self.masks = masks
+        self.plan = plan
+        masks.plan = plan
+        self.steps = steps
+        self.schedule_name = schedule if isinstance(schedule, str) else getattr(schedule, "__name__", "callable")
+        self.schedule = get_schedule(schedule)
+        self.regularizer = get_regularizer(regularizer)
+        self.mask_lr = float(mask_lr)
+        self.record_every = record_every or max(1, steps // 200)
+        self.scaler = scaler
+        self.t = 0
+        device = masks.values[0].device
+        self.removed_masks = []
+        for g in masks.groups:
+            r = torch.zeros(g.size, dtype=torch.bool, device=device)
+            r[torch.tensor(plan.removed(g.name), dtype=torch.long, device=device)] = True
+            self.removed_masks.append(r)
+        self.regularizer.bind(self)
+        self.learnable = [self.regularizer.in_scope(i) if self.regularizer.learns_masks else torch.zeros_like(r)
+                          for i, r in enumerate(self.removed_masks)]
+        for v, lrn in zip(masks.values, self.learnable):
+            v.requires_grad_(bool(lrn.any()))
+        self._norm0 = self._unit_norms()
+        self._traced = self._pick_traces()
+        self.history: dict[str, Any] = {
+            "regularizer": self.regularizer.config(), "schedule": self.schedule_name, "steps": steps,
+            "mask_lr": self.mask_lr, "plan_ratio": plan.ratio, "step": [], "ceiling": [], "penalty": [],
+            "removed_mean": [], "removed_max": [], "kept_mean": [], "kept_min": [], "removed_effective": [],
+            "traces": {label: [] for label, _, _ in self._traced}, "cut_jump": None}
+        self._last_penalty = 0.0
+        self._project()
+        self._record()
+
+    # ------------------------------------------------------------------ public
+    @property
+    def done(self) -> bool:
+        """True once N steps have run: every removed mask is exactly 0."""
+        return self.t >= self.steps
+
+    @property
+    def ceiling(self) -> float:
+        """The schedule's value ``s(t)`` now."""
+        return evaluate(self.schedule, self.t, self.steps)
+
+    def zero(self) -> torch.Tensor:
+        """A scalar 0 on the masks' device (the penalty of a finished decay)."""
+        return torch.zeros((), device=self.masks.values[0].device)
+
+    def penalty(self) -> torch.Tensor:
+        """The regularizer's loss term for this step (0 once done). Add it to your task loss before ``backward``."""
+        if self.done:
+            return self.zero()
+        p = self.regularizer.penalty(self.t, self.ceiling)
+        self._last_penalty = float(p.detach())
+        return p
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Update the masks, advance the schedule, project; at step N cut the removed masks to exactly 0."""
+        if self.done:
+            return
+        self._update_masks()
+        self.t += 1
+        self._project()
+        if self.done:
+            self._cut()
+        if self.t % self.record_every == 0 or self.done:
+            self._record()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume mid-decay and get the same trajectory (masks included)."""
+        return {"t": self.t, "steps": self.steps, "history": self.history, "masks": self.masks.state_dict(),
+                "plan": self.plan.to_dict(), "regularizer": self.regularizer.config(), "mask_lr": self.mask_lr}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict` (same plan and number of steps required)."""
+        if Plan.from_dict(state["plan"]).keep != self.plan.keep or state["steps"] != self.steps:
+            raise ValueError("decay state was saved with another plan or number of steps")
+        if state["regularizer"]["name"] != self.regularizer.name:
+            raise ValueError(f"decay state was saved with regularizer {state['regularizer']['name']!r}, "
+                             f"this decay uses {self.regularizer.name!r}")
+        self.t = int(state["t"])
+        self.history = state["history"]
+        self.masks.load_state_dict(state["masks"])
+
+    # ------------------------------------------------------------------ internals
+    def _update_masks(self) -> None:
+        if not self.regularizer.learns_masks:
+            return
+        values = self.masks.values
+        grads = [v.grad if v.grad is not None else torch.zeros_like(v) for v in values]
+        flat = torch.cat(grads)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+        if self.scaler is not None and self.scaler.is_enabled():
+            flat = flat / self.scaler.get_scale()
+        if not bool(torch.isfinite(flat).all()):
+            log.warning("non-finite mask gradient at step %d: mask update skipped", self.t)
+        else:
+            for v, g, lrn in zip(values, flat.split([v.numel() for v in values]), self.learnable):
+                v.sub_(self.mask_lr * g * lrn)
+        for v in values:
+            v.grad = None
+
+    def _project(self) -> None:
+        s = self.ceiling
+        reg = self.regularizer
+        for v, removed, lrn in zip(self.masks.values, self.removed_masks, self.learnable):
+            if reg.follows_schedule:
+                v[removed] = s
+            elif reg.ceiling:
+                v[removed] = v[removed].clamp(0.0, s)
+            v[~lrn & ~removed] = 1.0
+
+    def _cut(self) -> None:
+        jump = 0.0
+        for v, removed in zip(self.masks.values, self.removed_masks):
+            if bool(removed.any()):
+                jump = max(jump, float(v[removed].abs().max()))
+                v[removed] = 0.0
+            v.requires_grad_(False)
+        self.history["cut_jump"] = jump
+        if jump > 0:
+            log.info("decay done: removed masks cut to 0 (largest was %.4g)", jump)
+
+    @torch.no_grad()
+    def _unit_norms(self) -> list[torch.Tensor]:
+        """Per-unit L2 norm of the weights that produce each unit (output rows and norm scales)."""
+        norms = []
+        for g in self.masks.groups:
+            sq = torch.zeros(g.size, dtype=torch.float64)
+            for m in g.members:
+                if m.role != "out":
+                    continue
+                w = member_weights(m)
+                if w is not None:
+                    sq.index_add_(0, m.units, w.detach().double().pow(2).sum(1).cpu())
+            norms.append(sq.sqrt())
+        return norms
+
+    def _pick_traces(self, n_removed: int = 24, n_kept: int = 8) -> list[tuple[str, int, int]]:
+        removed = [(g.index, int(u)) for g, r in zip(self.masks.groups, self.removed_masks)
+                   for u in torch.nonzero(r).flatten().tolist()]
+        kept = [(g.index, int(u)) for g, r in zip(self.masks.groups, self.removed_masks)
+                for u in torch.nonzero(~r).flatten().tolist()]
+        out = []
+        for kind, pool, n in (("removed", removed, n_removed), ("kept", kept, n_kept)):
+            stride = max(1, len(pool) // n)
+            for gi, u in pool[::stride][:n]:
+                out.append((f"{kind}:{self.masks.groups[gi].name}[{u}]", gi, u))
+        return out
+
+    @torch.no_grad()
+    def _record(self) -> None:
+        h = self.history
+        vals = [v.detach().float().cpu() for v in self.masks.values]
+        rem = torch.cat([v[r.cpu()] for v, r in zip(vals, self.removed_masks)])
+        kept = torch.cat([v[~r.cpu()] for v, r in zip(vals, self.removed_masks)])
+        norms = self._unit_norms()
+        eff = torch.cat([(v.double().abs() * n / n0.clamp_min(1e-12))[r.cpu()]
+                         for v, n, n0, r in zip(vals, norms, self._norm0, self.removed_masks)])
+        h["step"].append(self.t)
+        h["ceiling"].append(self.ceiling)
+        h["penalty"].append(self._last_penalty)
+        h["removed_mean"].append(float(rem.abs().mean()) if rem.numel() else 0.0)
+        h["removed_max"].append(float(rem.abs().max()) if rem.numel() else 0.0)
+        h["kept_mean"].append(float(kept.mean()) if kept.numel() else 1.0)
+        h["kept_min"].append(float(kept.min()) if kept.numel() else 1.0)
+        h["removed_effective"].append(float(eff.mean()) if eff.numel() else 0.0)
+        for label, gi, u in self._traced:
+            x = float(vals[gi][u])
+            h["traces"][label].append(x if math.isfinite(x) else None)

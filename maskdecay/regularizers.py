@@ -1,0 +1,211 @@
+"""Regularizers that drive the removed channels to zero during mask decay.
+
+All share one interface (:class:`Regularizer`) so that :class:`~maskdecay.MaskDecay` can swap them. What each does:
+
+=================  ===============================  ==================  =====================  ===================
+regularizer        penalty                          masks learned       removed masks capped   reaches 0 by itself
+=================  ===============================  ==================  =====================  ===================
+``SparsityLoss``   log(1+|m|/eps), removed only     removed only        yes, at s(t)           yes (no jump)
+``"hard"``         none                             no                  set to s(t)            yes (no jump)
+``L1``             |m|                              in scope            no                     no: cut at step N
+``L2``             m^2                              in scope            no                     no: cut at step N
+``BNScaleL1``      |gamma| of norm layers           no                  no                     no: cut at step N
+``GroupLasso``     ||weights of the unit||_2        no                  no                     no: cut at step N
+=================  ===============================  ==================  =====================  ===================
+
+``scope`` is ``"all"`` (every unit of every group, as these baselines are used in the literature) or ``"removed"``
+(only the units the plan drops). The sparsity loss is our design, not the paper's formula (which is not public):
+see ``docs/sparsity_loss.md``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .graph import NORM_TYPES
+from .importance import member_weights
+
+if TYPE_CHECKING:
+    from .decay import MaskDecay
+
+
+class Regularizer:
+    """Base class. Subclasses set the class flags and implement :meth:`penalty`.
+
+    Attributes:
+        learns_masks: masks get gradient steps (task loss + penalty) in ``MaskDecay.step``.
+        ceiling: removed masks are clamped to ``[0, s(t)]`` after every step.
+        follows_schedule: removed masks are set to ``s(t)`` (no learning).
+    """
+
+    name = "base"
+    learns_masks = False
+    ceiling = False
+    follows_schedule = False
+
+    def __init__(self, strength: float = 0.0, scope: str = "all") -> None:
+        if strength < 0:
+            raise ValueError(f"strength must be >= 0, got {strength}")
+        if scope not in ("all", "removed"):
+            raise ValueError(f"scope must be 'all' or 'removed', got {scope!r}")
+        self.strength = float(strength)
+        self.scope = scope
+        self.decay: MaskDecay | None = None
+
+    def bind(self, decay: "MaskDecay") -> None:
+        """Called once by :class:`~maskdecay.MaskDecay`."""
+        self.decay = decay
+
+    def in_scope(self, group_index: int) -> torch.Tensor:
+        """Bool vector: the units of a group this regularizer acts on."""
+        assert self.decay is not None
+        removed = self.decay.removed_masks[group_index]
+        return removed if self.scope == "removed" else torch.ones_like(removed)
+
+    def penalty(self, t: int, s: float) -> torch.Tensor:
+        """The penalty to add to the loss at step ``t`` (ceiling ``s``)."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """Name and hyper-parameters, for logs and checkpoints."""
+        return {"name": self.name, "strength": self.strength, "scope": self.scope}
+
+
+class Hard(Regularizer):
+    """No loss: removed masks follow the schedule exactly, ``m = s(t)``; kept masks stay 1."""
+
+    name = "hard"
+    follows_schedule = True
+
+    def __init__(self) -> None:
+        super().__init__(0.0, "removed")
+
+    def penalty(self, t: int, s: float) -> torch.Tensor:
+        assert self.decay is not None
+        return self.decay.zero()
+
+
+class SparsityLoss(Regularizer):
+    r"""Our sparsity loss: a reweighted-L1 (log-sum) pull on the removed masks under a scheduled ceiling.
+
+    .. math::  L_{sp}(t) = \lambda \, (1 - s(t)) \sum_{i \in R} \log(1 + |m_i| / \epsilon), \qquad
+               m_i \leftarrow \mathrm{clip}(m_i, 0, s(t)) \text{ after every step}
+
+    Only the removed set R is touched (kept masks stay exactly 1). The gradient
+    :math:`\lambda (1-s)/(\epsilon + |m|)` *grows* as a mask approaches 0 (L2's vanishes, L1's is constant), so
+    channels the task does not defend collapse early, and the ceiling :math:`s(t)` guarantees every removed mask is
+    exactly 0 at step N whatever the task gradient does. The weight :math:`1 - s(t)` starts the pull at 0, so the
+    first steps do not shock the teacher.
+    """
+
+    name = "sparsity"
+    learns_masks = True
+    ceiling = True
+
+    def __init__(self, strength: float = 1e-2, eps: float = 0.05) -> None:
+        super().__init__(strength, "removed")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        self.eps = float(eps)
+
+    def penalty(self, t: int, s: float) -> torch.Tensor:
+        assert self.decay is not None
+        total = self.decay.zero()
+        for v, r in zip(self.decay.masks.values, self.decay.removed_masks):
+            if bool(r.any()):
+                total = total + torch.log1p(v[r].abs() / self.eps).sum()
+        return self.strength * (1.0 - s) * total
+
+    def config(self) -> dict:
+        return {**super().config(), "eps": self.eps}
+
+
+class _MaskNorm(Regularizer):
+    learns_masks = True
+    power = 1
+
+    def __init__(self, strength: float = 1e-3, scope: str = "all") -> None:
+        super().__init__(strength, scope)
+
+    def penalty(self, t: int, s: float) -> torch.Tensor:
+        assert self.decay is not None
+        total = self.decay.zero()
+        for i, v in enumerate(self.decay.masks.values):
+            sel = self.in_scope(i)
+            total = total + (v[sel].abs().sum() if self.power == 1 else v[sel].pow(2).sum())
+        return self.strength * total
+
+
+class L1(_MaskNorm):
+    """``strength * sum |m|`` over the masks in scope; constant strength; removed masks are cut to 0 at step N."""
+
+    name = "l1"
+    power = 1
+
+
+class L2(_MaskNorm):
+    """``strength * sum m^2`` over the masks in scope; its pull ``2 m`` vanishes near 0, so masks never reach 0 and
+    the cut at step N makes a jump."""
+
+    name = "l2"
+    power = 2
+
+
+class BNScaleL1(Regularizer):
+    """Network slimming: ``strength * sum |gamma|`` over the scales of the groups' norm layers (units in scope).
+
+    Masks stay 1 until the cut at step N; the penalty shrinks the norm scales instead.
+    """
+
+    name = "bn"
+
+    def __init__(self, strength: float = 1e-4, scope: str = "all") -> None:
+        super().__init__(strength, scope)
+
+    def penalty(self, t: int, s: float) -> torch.Tensor:
+        assert self.decay is not None
+        total = self.decay.zero()
+        for g in self.decay.masks.groups:
+            sel = self.in_scope(g.index)
+            for m in g.members:
+                if isinstance(m.module, NORM_TYPES) and getattr(m.module, "weight", None) is not None:
+                    w = member_weights(m)
+                    total = total + w[sel[m.units].to(w.device)].abs().sum()
+        return self.strength * total
+
+
+class GroupLasso(Regularizer):
+    """``strength * sum_units ||all weights of the unit||_2`` (output rows, input columns, norm scales of every
+    member layer), as in group-sparsity pruning. Masks stay 1 until the cut at step N."""
+
+    name = "group_lasso"
+
+    def __init__(self, strength: float = 1e-4, scope: str = "all") -> None:
+        super().__init__(strength, scope)
+
+    def penalty(self, t: int, s: float) -> torch.Tensor:
+        assert self.decay is not None
+        total = self.decay.zero()
+        for g in self.decay.masks.groups:
+            sq = torch.zeros(g.size, device=total.device)
+            for m in g.members:
+                w = member_weights(m)
+                if w is not None:
+                    sq = sq.index_add(0, m.units.to(sq.device), w.pow(2).sum(1).float())
+            total = total + torch.sqrt(sq[self.in_scope(g.index)] + 1e-12).sum()
+        return self.strength * total
+
+
+REGULARIZERS: dict[str, type[Regularizer]] = {
+    "sparsity": SparsityLoss, "hard": Hard, "l1": L1, "l2": L2, "bn": BNScaleL1, "group_lasso": GroupLasso}
+
+
+def get_regularizer(reg: str | Regularizer) -> Regularizer:
+    """A regularizer instance from a name (default hyper-parameters) or an instance."""
+    if isinstance(reg, Regularizer):
+        return reg
+    if reg not in REGULARIZERS:
+        raise ValueError(f"unknown regularizer {reg!r}; use one of {sorted(REGULARIZERS)} or an instance")
+    return REGULARIZERS[reg]()
+
