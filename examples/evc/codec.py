@@ -52,6 +52,8 @@ __all__ = [
 ]
 
 PAD = 64
+#: default limit of :func:`decompress` on the declared image size (8192 x 8192)
+MAX_DECODE_PIXELS = 1 << 26
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -403,13 +405,18 @@ def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = N
 
 
 @torch.no_grad()
-def decompress(model: EVC, data: bytes, device: torch.device | str | None = None) -> DecodeResult:
+def decompress(model: EVC, data: bytes, device: torch.device | str | None = None,
+               max_pixels: int = MAX_DECODE_PIXELS) -> DecodeResult:
     """Decode a stream produced by :func:`compress` with the same (decoder-side) weights.
+
+    ``max_pixels`` refuses streams that declare larger images (protects memory against hostile headers).
 
     Raises:
         bitstream.BitstreamError: corrupt stream, wrong version, or a model that does not match the stream.
     """
     hdr, payload = bs.unpack(data)
+    if hdr.width * hdr.height > max_pixels:
+        raise bs.BitstreamError(f"image {hdr.width}x{hdr.height} exceeds the decoder limit of {max_pixels} pixels")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     ctx = _context(model)
     if hdr.weights_hash != ctx.weights_hash:
@@ -453,6 +460,8 @@ def decompress(model: EVC, data: bytes, device: torch.device | str | None = None
         return torch.from_numpy(v.astype(np.float64)).to(dev)
 
     y_hat = _dual_prior(ctx, params, None, dec)
+    if not reader.is_empty():
+        raise bs.BitstreamError("corrupt payload (entropy decoder did not end in its initial state)")
     _sync(dev)
     t1 = time.perf_counter()
     curr_q = _curr_q64(model, hdr.q_scale)

@@ -305,6 +305,10 @@ class SymbolReader:
         words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
         self._coder = _stack.AnsCoder(words)
 
+    def is_empty(self) -> bool:
+        """True when all data was consumed and the coder is back in its initial state (a valid stream's end)."""
+        return bool(self._coder.is_empty())
+
     def _pop(self, n: int, model: object) -> np.ndarray:
         if n == 0:
             return np.zeros(0, dtype=np.int64)
