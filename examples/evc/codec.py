@@ -69,6 +69,7 @@ class _Context:
     hyper_dec: ExactNet
     fusion: ExactNet
     spatial: ExactNet
+    synthesis: ExactNet
 
 
 def _state_key(model: EVC) -> tuple:
@@ -101,6 +102,7 @@ def _context(model: EVC) -> _Context:
         hyper_dec=ExactNet(model.hyper_dec),
         fusion=ExactNet(model.y_prior_fusion),
         spatial=ExactNet(model.y_spatial_prior),
+        synthesis=ExactNet(model.dec),
     )
     object.__setattr__(model, "_evc_ctx", ctx)
     return ctx
@@ -277,7 +279,11 @@ def _z_bits(model: EVC, z_hat64: torch.Tensor) -> torch.Tensor:
     return torch.clamp_min(-torch.log2(p + 1e-5), 0.0).flatten(1).sum(1)
 
 
-def _synth(model: EVC, y_hat64: torch.Tensor, curr_q: torch.Tensor) -> torch.Tensor:
+def _synth(model: EVC, y_hat64: torch.Tensor, curr_q: torch.Tensor, exact: bool = True) -> torch.Tensor:
+    """Synthesis of y_hat. ``exact=True`` (default) uses the exact float64 twin, so the decoded image is identical
+    for any thread count / process; ``exact=False`` is the faster float32 path (last-bit differences possible)."""
+    if exact:
+        return _context(model).synthesis(y_hat64 * curr_q).clamp_(0.0, 1.0).to(torch.float32)
     return model.dec((y_hat64 * curr_q).to(torch.float32)).clamp_(0.0, 1.0)
 
 
@@ -287,7 +293,7 @@ def _choose(model: ScalableEVC, ctx: _Context, cands: torch.Tensor, xp: torch.Te
     if k == 1:
         return 0
     est = _estimate(model, ctx, cands[:, 0], rate.q_scale)
-    x_hat = _synth(model, est["y_hat"], est["curr_q"])
+    x_hat = _synth(model, est["y_hat"], est["curr_q"], exact=False)
     pix = xp.shape[-1] * xp.shape[-2]
     mse = ((x_hat - xp.expand_as(x_hat)) ** 2).sum(1).mean((1, 2)).to(torch.float64)
     bpp = (est["bits_y"] + est["bits_z"]) / pix
@@ -323,6 +329,7 @@ class DecodeResult:
     x_hat: torch.Tensor
     header: bs.Header
     times: dict[str, float] = field(default_factory=dict)
+    y_hat: torch.Tensor | None = None  # decoded latent / curr_q (float64), for inspection
 
 
 def _sync(dev: torch.device) -> None:
@@ -406,10 +413,12 @@ def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = N
 
 @torch.no_grad()
 def decompress(model: EVC, data: bytes, device: torch.device | str | None = None,
-               max_pixels: int = MAX_DECODE_PIXELS) -> DecodeResult:
+               max_pixels: int = MAX_DECODE_PIXELS, exact_synthesis: bool = True) -> DecodeResult:
     """Decode a stream produced by :func:`compress` with the same (decoder-side) weights.
 
     ``max_pixels`` refuses streams that declare larger images (protects memory against hostile headers).
+    ``exact_synthesis=False`` uses the float32 synthesis (faster; the image may then differ in the last bit
+    between thread counts, while the decoded latents stay identical).
 
     Raises:
         bitstream.BitstreamError: corrupt stream, wrong version, or a model that does not match the stream.
@@ -465,14 +474,14 @@ def decompress(model: EVC, data: bytes, device: torch.device | str | None = None
     _sync(dev)
     t1 = time.perf_counter()
     curr_q = _curr_q64(model, hdr.q_scale)
-    x_hat = _synth(model, y_hat, curr_q)[..., :hdr.height, :hdr.width]
+    x_hat = _synth(model, y_hat, curr_q, exact_synthesis)[..., :hdr.height, :hdr.width]
     _sync(dev)
     t2 = time.perf_counter()
     times["entropy_coding"] = t_code
     times["prior"] = (t1 - t0) - t_code
     times["synthesis"] = t2 - t1
     times["total"] = t2 - t0
-    return DecodeResult(x_hat, hdr, times)
+    return DecodeResult(x_hat, hdr, times, y_hat)
 
 
 @torch.no_grad()

@@ -28,6 +28,10 @@ import torch
 from torch import nn
 
 from .layers import (
+    ConvFFN,
+    DepthConv,
+    DepthConvBlock,
+    ResidualBlockUpsample,
     PriorConvFFN,
     PriorDepthConv,
     PriorDepthConvBlock,
@@ -98,11 +102,40 @@ class _Lin:
         return out
 
 
+class _Conv:
+    """A dense KxK stride-1 convolution evaluated exactly: per-row weights with ``W_BITS`` bits, activations on one
+    power-of-two grid per sample (K > 1 mixes pixels, so the grid cannot be per pixel), float64 conv2d on integers.
+    Any summation order gives the same result because every partial sum is an integer below 2^53."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        if conv.stride != (1, 1) or conv.groups != 1 or conv.kernel_size[0] != conv.kernel_size[1]:
+            raise NotImplementedError("exact path supports only stride-1 dense square convolutions")
+        w = conv.weight.detach().to(torch.float64)
+        self.pad = conv.padding
+        self.fan_in = w[0].numel()
+        self.a_bits = _MANT - W_BITS - max(1, math.ceil(math.log2(self.fan_in)))
+        wq, k = quantize_rows(w.flatten(1))
+        self.wq = wq.view_as(w)
+        self.scale_w = pow2(k).view(1, -1, 1, 1)
+        self.bias = conv.bias.detach().to(torch.float64).view(1, -1, 1, 1)
+
+    def to(self, device: torch.device) -> "_Conv":
+        self.wq, self.scale_w, self.bias = self.wq.to(device), self.scale_w.to(device), self.bias.to(device)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        e = _exponent(x.abs().flatten(1).amax(dim=1)).view(-1, 1, 1, 1) - self.a_bits
+        xq = torch.round(x * pow2(-e))
+        acc = nn.functional.conv2d(xq, self.wq, padding=self.pad)
+        return (acc * self.scale_w) * pow2(e) + self.bias
+
+
 class _DW:
     """3x3 depthwise convolution as 9 shifted multiply-adds in a fixed order."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
-        if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.groups != conv.in_channels:
+        if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.groups != conv.in_channels \
+                or conv.padding != (1, 1):
             raise NotImplementedError("exact path supports only stride-1 3x3 depthwise convolutions")
         self.w = conv.weight.detach().to(torch.float64)[:, 0]  # (C,3,3)
         self.bias = conv.bias.detach().to(torch.float64).view(1, -1, 1, 1)
@@ -136,8 +169,26 @@ def _compile(m: nn.Module, dev: torch.device) -> Callable[[torch.Tensor], torch.
                 x = f(x)
             return x
         return seq
-    if isinstance(m, (PriorDepthConvBlock, PriorDepthConvBlockUpsample)):
+    if isinstance(m, (PriorDepthConvBlock, PriorDepthConvBlockUpsample, DepthConvBlock)):
         return _compile(m.block, dev)
+    if isinstance(m, DepthConv):
+        c1, dw, c2 = _compile(m.conv1, dev), _compile(m.depth_conv, dev), _compile(m.conv2, dev)
+        ad = _compile(m.adaptor, dev) if m.adaptor is not None else None
+
+        def tdconv(x: torch.Tensor) -> torch.Tensor:
+            ident = x if ad is None else ad(x)
+            return c2(dw(c1(x))) + ident
+        return tdconv
+    if isinstance(m, ConvFFN):
+        f = _compile(m.conv, dev)
+        return lambda x: x + f(x)
+    if isinstance(m, ResidualBlockUpsample):
+        sp, cv, up = _compile(m.subpel_conv, dev), _compile(m.conv, dev), _compile(m.upsample, dev)
+        s1, s2 = m.leaky_relu.negative_slope, m.leaky_relu2.negative_slope
+
+        def rbu(x: torch.Tensor) -> torch.Tensor:
+            return _lrelu(cv(_lrelu(sp(x), s1)), s2) + up(x)
+        return rbu
     if isinstance(m, PriorDepthConv):
         c1 = _Lin(m.conv1[0]).to(dev)
         s1 = m.conv1[1].negative_slope
@@ -157,7 +208,13 @@ def _compile(m: nn.Module, dev: torch.device) -> Callable[[torch.Tensor], torch.
             return x + _lrelu(l2(_lrelu(l1(x), sa)), sb)
         return ffn
     if isinstance(m, nn.Conv2d):
-        return _Lin(m).to(dev)
+        if m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1:
+            return _Lin(m).to(dev)
+        if m.groups == m.in_channels and m.groups > 1:
+            return _DW(m).to(dev)
+        return _Conv(m).to(dev)
+    if isinstance(m, nn.ReLU):
+        return lambda x: torch.clamp_min(x, 0.0)
     if isinstance(m, nn.PixelShuffle):
         r = m.upscale_factor
         return lambda x: nn.functional.pixel_shuffle(x, r)
@@ -168,7 +225,8 @@ def _compile(m: nn.Module, dev: torch.device) -> Callable[[torch.Tensor], torch.
 
 
 class ExactNet:
-    """Exact float64 twin of a prior network (weights are snapshotted at construction)."""
+    """Exact float64 twin of a prior network or of the synthesis transform (weights are snapshotted at
+    construction)."""
 
     def __init__(self, module: nn.Module, device: torch.device | str | None = None) -> None:
         dev = torch.device(device) if device is not None else next(module.parameters()).device
