@@ -51,6 +51,16 @@ def pow2(k: torch.Tensor) -> torch.Tensor:
     return ((k + 1023) << 52).view(torch.float64)
 
 
+def _maxabs(x: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = True) -> torch.Tensor:
+    """max |x| along dim in one pass (max is exact, so order does not matter)."""
+    if isinstance(dim, tuple):
+        lo = x.amin(dim=dim, keepdim=keepdim)
+        hi = x.amax(dim=dim, keepdim=keepdim)
+    else:
+        lo, hi = torch.aminmax(x, dim=dim, keepdim=keepdim)
+    return torch.maximum(hi, lo.neg())
+
+
 def _exponent(maxabs: torch.Tensor) -> torch.Tensor:
     """Integer e with maxabs < 2**e (e = 0 for maxabs = 0)."""
     _, e = torch.frexp(maxabs)
@@ -92,13 +102,13 @@ class _Lin:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         xf = x.reshape(b, c, h * w)
-        e = _exponent(xf.abs().amax(dim=1, keepdim=True)) - self.a_bits  # (b,1,hw)
-        xq = torch.round(xf * pow2(-e))  # integers, |xq| <= 2**a_bits
+        e = _exponent(_maxabs(xf, 1)) - self.a_bits  # (b,1,hw)
+        xq = torch.mul(xf, pow2(-e)).round_()  # integers, |xq| <= 2**a_bits
         acc = torch.matmul(self.wq, xq)  # exact integer sums in float64
-        out = (acc * self.scale_w) * pow2(e)  # two exact power-of-two scalings
+        out = acc.mul_(self.scale_w).mul_(pow2(e))  # two exact power-of-two scalings
         out = out.view(b, -1, h, w)
         if self.bias is not None:
-            out = out + self.bias
+            out = out.add_(self.bias)
         return out
 
 
@@ -108,10 +118,11 @@ class _Conv:
     Any summation order gives the same result because every partial sum is an integer below 2^53."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
-        if conv.stride != (1, 1) or conv.groups != 1 or conv.kernel_size[0] != conv.kernel_size[1]:
-            raise NotImplementedError("exact path supports only stride-1 dense square convolutions")
+        if conv.stride != (1, 1) or conv.kernel_size[0] != conv.kernel_size[1] or conv.dilation != (1, 1):
+            raise NotImplementedError("exact path supports only stride-1 square convolutions")
         w = conv.weight.detach().to(torch.float64)
         self.pad = conv.padding
+        self.groups = conv.groups
         self.fan_in = w[0].numel()
         self.a_bits = _MANT - W_BITS - max(1, math.ceil(math.log2(self.fan_in)))
         wq, k = quantize_rows(w.flatten(1))
@@ -124,10 +135,10 @@ class _Conv:
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        e = _exponent(x.abs().flatten(1).amax(dim=1)).view(-1, 1, 1, 1) - self.a_bits
-        xq = torch.round(x * pow2(-e))
-        acc = nn.functional.conv2d(xq, self.wq, padding=self.pad)
-        return (acc * self.scale_w) * pow2(e) + self.bias
+        e = _exponent(_maxabs(x, (1, 2, 3))) - self.a_bits
+        xq = torch.mul(x, pow2(-e)).round_()
+        acc = nn.functional.conv2d(xq, self.wq, padding=self.pad, groups=self.groups)
+        return acc.mul_(self.scale_w).mul_(pow2(e)).add_(self.bias)
 
 
 class _DW:
@@ -157,7 +168,8 @@ class _DW:
 
 
 def _lrelu(x: torch.Tensor, slope: float) -> torch.Tensor:
-    return torch.where(x > 0, x, x * slope)
+    # x if x > 0 else x*slope: one correctly rounded multiply, identical in vectorised and scalar kernels
+    return nn.functional.leaky_relu(x, slope)
 
 
 def _compile(m: nn.Module, dev: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -192,7 +204,7 @@ def _compile(m: nn.Module, dev: torch.device) -> Callable[[torch.Tensor], torch.
     if isinstance(m, PriorDepthConv):
         c1 = _Lin(m.conv1[0]).to(dev)
         s1 = m.conv1[1].negative_slope
-        dw = _DW(m.depth_conv).to(dev)
+        dw = _Conv(m.depth_conv).to(dev)
         c2 = _Lin(m.conv2).to(dev)
         ad = _Lin(m.adaptor).to(dev) if m.adaptor is not None else None
 
@@ -210,11 +222,9 @@ def _compile(m: nn.Module, dev: torch.device) -> Callable[[torch.Tensor], torch.
     if isinstance(m, nn.Conv2d):
         if m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1:
             return _Lin(m).to(dev)
-        if m.groups == m.in_channels and m.groups > 1:
-            return _DW(m).to(dev)
         return _Conv(m).to(dev)
     if isinstance(m, nn.ReLU):
-        return lambda x: torch.clamp_min(x, 0.0)
+        return lambda x: nn.functional.relu(x)
     if isinstance(m, nn.PixelShuffle):
         r = m.upscale_factor
         return lambda x: nn.functional.pixel_shuffle(x, r)
