@@ -248,15 +248,26 @@ class EVC(nn.Module):
         """y = enc(x)."""
         return self.enc(x)
 
-    def forward(self, x: torch.Tensor, q_scale: float | torch.Tensor = 1.0) -> dict[str, torch.Tensor]:
-        """Float32 forward with hard rounding (like the official ``forward``); returns x_hat (unclamped) and the
-        estimated bits per image of y and z. This path is for training and speed work; coding uses
-        :mod:`evc.codec`, whose entropy parameters are computed with the exact (deterministic) path."""
+    def forward(self, x: torch.Tensor, q_scale: float | torch.Tensor = 1.0,
+                quant: str = "round") -> dict[str, torch.Tensor]:
+        """Float32 forward; returns x_hat (unclamped) and the estimated bits per image of y and z.
+
+        ``quant="round"`` is hard rounding (like the official ``forward``); ``quant="ste"`` rounds with a
+        straight-through gradient (our training proxy; the official training proxy is not published). This path is
+        for training and speed work; coding uses :mod:`evc.codec`, whose entropy parameters are computed with the
+        exact (deterministic) path."""
         from .entropy import gaussian_bits, factorized_bits  # local import: avoid a cycle
 
+        if quant == "ste":
+            def rnd(v: torch.Tensor) -> torch.Tensor:
+                return v + (torch.round(v) - v).detach()
+        elif quant == "round":
+            rnd = torch.round
+        else:
+            raise ValueError(f"quant must be 'round' or 'ste', got {quant!r}")
         curr_q = self.curr_q(q_scale)
         y = self.analysis(x) / curr_q
-        z_hat = torch.round(self.hyper_enc(y))
+        z_hat = rnd(self.hyper_enc(y))
         params = self.y_prior_fusion(self.hyper_dec(z_hat))
         q_step, scales, means = params.chunk(3, 1)
         quant_step = torch.clamp_min(q_step, 0.5)
@@ -267,13 +278,13 @@ class EVC(nn.Module):
         mask0, mask1 = checkerboard(y.shape[-2], y.shape[-1], y.device, y.dtype)
         mean_p1 = m0 * mask0 + m1 * mask1
         scale_p1 = s0 * mask0 + s1 * mask1
-        res_p1 = torch.round(y0 * mask0 + y1 * mask1 - mean_p1)
+        res_p1 = rnd(y0 * mask0 + y1 * mask1 - mean_p1)
         yhat_p1 = res_p1 + mean_p1
         sp = self.y_spatial_prior(torch.cat([yhat_p1 * mask0, yhat_p1 * mask1, means, scales, quant_step], 1))
         ss0, mm0, ss1, mm1 = sp.chunk(4, 1)
         mean_p2 = mm0 * mask1 + mm1 * mask0
         scale_p2 = ss0 * mask1 + ss1 * mask0
-        res_p2 = torch.round(y0 * mask1 + y1 * mask0 - mean_p2)
+        res_p2 = rnd(y0 * mask1 + y1 * mask0 - mean_p2)
         yhat_p2 = res_p2 + mean_p2
         y_hat = torch.cat([yhat_p1 * mask0 + yhat_p2 * mask1, yhat_p1 * mask1 + yhat_p2 * mask0], 1) * quant_step
         x_hat = self.dec(y_hat * curr_q)

@@ -267,3 +267,13 @@ def test_eval_bdrate_plot_cli(tmp_path, capsys):
     assert abs(o["bd_rate_percent"] - 8.58) < 0.05 and o["method"] == "akima"
     assert cli(["plot", "official:EVC_LL", "official:EVC_SS", str(j), "-o", str(tmp_path / "rd.png")]) == 0
     assert (tmp_path / "rd.png").stat().st_size > 1000
+
+
+def test_bench_cli(tmp_path, capsys):
+    j = tmp_path / "b.json"
+    assert cli(["bench", "--arch", "mini_EVC_SS", "--size", "64x64", "--runs", "1", "--json", str(j)]) == 0
+    out = capsys.readouterr().out
+    assert "entropy coding" in out and "FPS" in out
+    d = json.loads(j.read_text())
+    for k in ("encode_s", "decode_s", "enc_entropy_s", "dec_entropy_s", "enc_entropy_ns_per_symbol", "decode_fps"):
+        assert d[k] > 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 import torch
@@ -201,3 +202,19 @@ def test_loader_errors(tmp_path):
         evc.load_model(evil)
     with pytest.raises(ValueError):
         extract_state_dict([1, 2, 3])
+
+
+def test_ste_forward_trains(tmp_path):
+    from evc.train_brief import train
+
+    kodak = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "kodak")
+    m = evc.build_model("mini_EVC_SS")
+    x = torch.rand(2, 3, 64, 64)
+    out = m(x, m.q_scale[0].view(1, 1, 1, 1), quant="ste")
+    (out["bits_y"].sum() + out["x_hat"].square().mean()).backward()
+    assert m.enc[0].conv1.weight.grad is not None and m.q_scale.grad is not None
+    with pytest.raises(ValueError):
+        m(x, 1.0, quant="noise")
+    if os.path.isdir(kodak):
+        t = train(kodak, "mini_EVC_SS", steps=2, batch=2, size=64, progress=False)
+        assert not t.training
