@@ -113,6 +113,7 @@ def corrupt(data: bytes, rng: random.Random) -> tuple[str, bytes]:
 def _classify(msg: str) -> str:
     body = msg.split(":", 2)[2] if msg.count(":") >= 2 else msg
     body = body.split("(")[0]
+    body = re.sub(r"\b[0-9a-f]{16}\b", "H", body)
     return "error: " + re.sub(r"[0-9][0-9x.e+-]*", "N", body).strip()[:50]
 
 
