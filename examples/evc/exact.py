@@ -141,6 +141,38 @@ class _Conv:
         return acc.mul_(self.scale_w).mul_(pow2(e)).add_(self.bias)
 
 
+class _DWq:
+    """3x3 depthwise convolution on integers: per-channel weights with ``W_BITS`` bits, activations on one
+    power-of-two grid per sample, 9 shifted multiply-adds. All partial sums are integers < 2^53, so the result is
+    exact whether or not the kernel fuses multiply and add (one fused pass each, unlike grouped conv2d, which CPU
+    torch runs as one tiny GEMM per channel)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.groups != conv.in_channels \
+                or conv.padding != (1, 1) or conv.in_channels != conv.out_channels:
+            raise NotImplementedError("exact path supports only stride-1 3x3 depthwise convolutions")
+        w = conv.weight.detach().to(torch.float64)[:, 0]  # (C,3,3)
+        self.a_bits = _MANT - W_BITS - 4  # fan-in 9
+        wq, k = quantize_rows(w.flatten(1))
+        self.wq = wq.view(-1, 3, 3)
+        self.scale_w = pow2(k).view(1, -1, 1, 1)
+        self.bias = conv.bias.detach().to(torch.float64).view(1, -1, 1, 1)
+
+    def to(self, device: torch.device) -> "_DWq":
+        self.wq, self.scale_w, self.bias = self.wq.to(device), self.scale_w.to(device), self.bias.to(device)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _, c, h, w = x.shape
+        e = _exponent(_maxabs(x, (1, 2, 3))) - self.a_bits
+        xp = nn.functional.pad(torch.mul(x, pow2(-e)).round_(), (1, 1, 1, 1))
+        acc = torch.zeros_like(x)
+        for i in range(3):
+            for j in range(3):
+                acc.addcmul_(xp[:, :, i:i + h, j:j + w], self.wq[:, i, j].view(1, c, 1, 1))
+        return acc.mul_(self.scale_w).mul_(pow2(e)).add_(self.bias)
+
+
 class _DW:
     """3x3 depthwise convolution as 9 shifted multiply-adds in a fixed order."""
 
@@ -204,7 +236,7 @@ def _compile(m: nn.Module, dev: torch.device) -> Callable[[torch.Tensor], torch.
     if isinstance(m, PriorDepthConv):
         c1 = _Lin(m.conv1[0]).to(dev)
         s1 = m.conv1[1].negative_slope
-        dw = _Conv(m.depth_conv).to(dev)
+        dw = _DWq(m.depth_conv).to(dev)
         c2 = _Lin(m.conv2).to(dev)
         ad = _Lin(m.adaptor).to(dev) if m.adaptor is not None else None
 
@@ -222,6 +254,8 @@ def _compile(m: nn.Module, dev: torch.device) -> Callable[[torch.Tensor], torch.
     if isinstance(m, nn.Conv2d):
         if m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1:
             return _Lin(m).to(dev)
+        if m.groups > 1 and m.groups == m.in_channels:
+            return _DWq(m).to(dev)
         return _Conv(m).to(dev)
     if isinstance(m, nn.ReLU):
         return lambda x: nn.functional.relu(x)
