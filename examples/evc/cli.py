@@ -105,12 +105,19 @@ def _add_rate_args(p: argparse.ArgumentParser) -> None:
                    help="scalable models: use encoders 0..ENC_ID only (default: all, RD choice)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line (``evc: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"evc: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``evc`` command."""
-    ap = argparse.ArgumentParser(prog="evc", description="EVC neural image codec (encode/decode/evaluate).")
+    ap = _Parser(prog="evc", description="EVC neural image codec (encode/decode/evaluate).")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     p = sub.add_parser("encode", help="compress an image to a .evc file")
     p.add_argument("input")

@@ -221,9 +221,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys, ckpt):
         assert rc != 0, argv
         assert len(err) == 1 and err[0].startswith("evc: error:"), (argv, err)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(("o.", "x.", ".o", ".x"))]
-    for argv in (["encode", "a", "b", "--model", ckpt, "--q", "2"], ["nope"]):
+    for argv in (["encode", "a", "b", "--model", ckpt, "--q", "2"], ["nope"], []):
         assert cli(argv) == 2
-        capsys.readouterr()
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith("evc: error:"), (argv, err)
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
