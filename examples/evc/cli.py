@@ -498,13 +498,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+_PARSER: argparse.ArgumentParser | None = None
+
 COMMANDS = {"encode": cmd_encode, "decode": cmd_decode, "eval": cmd_eval, "bdrate": cmd_bdrate,
             "plot": cmd_plot, "bench": cmd_bench, "info": cmd_info}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``evc`` console script; returns the exit status."""
-    ap = build_parser()
+    global _PARSER
+    if _PARSER is None:
+        _PARSER = build_parser()
+    ap = _PARSER
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:  # argparse already printed a one-line usage error
