@@ -536,6 +536,11 @@ def load_model(
         cfg = infer_config(sd) if arch is None else None
     except CheckpointError as e:
         raise CheckpointError(f"{src}: not an EVC checkpoint ({e})") from None
+    dropped = [k for k in sd if _ignorable(k)]
+    if dropped:
+        log.warning("ignoring %d entropy-coder buffers in the checkpoint (e.g. %s); tables are rebuilt from the "
+                    "weights", len(dropped), dropped[0])
+        sd = {k: v for k, v in sd.items() if k not in dropped}
     if arch is None:
         model = _build_from_config(cfg)  # type: ignore[arg-type]
     else:
@@ -556,6 +561,16 @@ def load_model(
     model.to(device).eval()
     log.info("loaded %s (%s) from %s", model.name, "x".join(map(str, model.enc_widths)), src)
     return model
+
+
+_IGNORABLE_PREFIXES = ("gaussian_encoder.", "entropy_coder.", "_evc_ctx.")
+_IGNORABLE_SUFFIXES = ("_quantized_cdf", "_cdf_length", "_offset", "scale_table", "quantized_cdf", "cdf_length")
+
+
+def _ignorable(key: str) -> bool:
+    """Derived entropy-coder state (CDF tables, offsets, scale tables) that some checkpoints carry as buffers; we
+    rebuild all of it from the weights, so such keys are not an architecture mismatch."""
+    return key.startswith(_IGNORABLE_PREFIXES) or key.rsplit(".", 1)[-1].endswith(_IGNORABLE_SUFFIXES)
 
 
 def _diff(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:

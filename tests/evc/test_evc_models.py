@@ -218,3 +218,10 @@ def test_ste_forward_trains(tmp_path):
     if os.path.isdir(kodak):
         t = train(kodak, "mini_EVC_SS", steps=2, batch=2, size=64, progress=False)
         assert not t.training
+
+
+def test_entropy_coder_buffers_are_ignored():
+    sd = evc.build_model("EVC_SS").state_dict()
+    sd["gaussian_encoder.scale_table"] = torch.zeros(256)
+    sd["bit_estimator_z._quantized_cdf"] = torch.zeros(192, 103, dtype=torch.int32)
+    assert evc.load_model({"net": sd}).name == "EVC_SS"
