@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -116,7 +117,8 @@ def train_steps(
         g.setdefault("initial_lr", g["lr"])
     losses: list[float] = []
     it = iter(())
-    bar = tqdm(range(steps), desc=desc, unit="step", leave=False, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(range(steps), desc=desc, unit="step", leave=False, dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)  # fewer updates when logged to a file
     for i in bar:
         try:
             xb, yb = next(it)
@@ -164,22 +166,55 @@ def cosine(total: int, warmup: int = 0, floor: float = 0.0) -> Callable[[int], f
 
 
 def sgd(params: list[dict[str, Any]], lr: float) -> torch.optim.SGD:
+    """SGD with Nesterov momentum 0.9 (weight decay set per param group)."""
     return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
 
 
-def train_teacher(args: argparse.Namespace, train: Split) -> nn.Module:
-    """Train the small CNN for ``args.epochs`` epochs with a warm-up + cosine LR."""
+def train_teacher(args: argparse.Namespace, train: Split, out: Path) -> nn.Module:
+    """Train the small CNN for ``args.epochs`` epochs with a warm-up + cosine LR.
+
+    With ``--reuse-teacher``, a teacher saved by an earlier run with the same settings (``out/teacher.pt``, a plain
+    state_dict) is loaded instead.
+    """
     torch.manual_seed(args.seed)
     model = SmallCNN().to(memory_format=torch.channels_last)
+    key = {k: getattr(args, k) for k in ("epochs", "batch_size", "lr", "seed", "train_subset")}
+    ckpt = out / "teacher.pt"
+    if args.reuse_teacher and ckpt.is_file():
+        saved = torch.load(ckpt, weights_only=True)
+        if saved.get("key") == key:
+            model.load_state_dict(saved["state_dict"])
+            log.info("teacher: reused %s", ckpt)
+            return model
+        log.info("teacher: %s was trained with other settings; training a new one", ckpt)
     steps = max(1, round(args.epochs * len(train) / args.batch_size))
     opt = sgd([{"params": list(model.parameters()), "weight_decay": 5e-4}], args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     loss = train_steps(model, opt, train, steps, args.batch_size, gen, cosine(steps, warmup=steps // 15), "teacher")
     log.info("teacher: %d steps (%.2f epochs), final train loss %.3f", steps, args.epochs, loss)
+    torch.save({"key": key, "state_dict": model.state_dict()}, ckpt)
     return model
 
 
 # ------------------------------------------------------------------------ mask decay
+
+
+def make_regularizer(name: str, args: argparse.Namespace) -> Any:
+    """The regularizer name itself (library defaults), or an instance when ``--strength NAME=VALUE`` was given."""
+    if name not in args.strength:
+        return name
+    classes = {"sparsity": md.SparsityLoss, "l1": md.L1, "l2": md.L2, "bn": md.BNScaleL1, "group_lasso": md.GroupLasso}
+    if name not in classes:
+        raise SystemExit(f"--strength: regularizer {name!r} has no strength")
+    return classes[name](strength=args.strength[name])
+
+
+def _strength(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, e.g. l1=0.05, got {text!r}") from None
 
 
 def mask_decay(
@@ -195,7 +230,7 @@ def mask_decay(
     # --- the mask-decay recipe -------------------------------------------------------
     masks = md.ChannelMasks(model, example, ignored_layers=[model.fc])
     plan = md.plan(masks, macs=args.macs, importance="l1")
-    decay = md.MaskDecay(masks, plan, steps=args.steps, schedule="cosine", regularizer=regularizer)
+    decay = md.MaskDecay(masks, plan, steps=args.steps, schedule="cosine", regularizer=make_regularizer(regularizer, args))
     # the masks are not in the optimizer: decay.step() updates them itself (mask_lr)
     opt = sgd([{"params": list(model.parameters()), "weight_decay": 5e-4}], args.decay_lr)
     gen = torch.Generator().manual_seed(args.seed + 1)  # same batches for every regularizer
@@ -236,19 +271,25 @@ def mask_decay(
 # --------------------------------------------------------------------------- reporting
 
 
-def measure(model: nn.Module, test: Split, latency_batch: int = 64) -> dict[str, float]:
-    """MACs/params per 1x3x32x32 image and CPU latency at ``latency_batch`` from ``md.profile``; test accuracy."""
+def measure(model: nn.Module, test: Split) -> dict[str, float]:
+    """MACs and params per 1x3x32x32 image (``md.profile``) and test accuracy."""
     model = model.eval()
     rep = md.profile(model, torch.randn(1, 3, 32, 32), warmup=1, runs=1)
-    xb = torch.randn(latency_batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    lat = md.profile(model, xb, warmup=3, runs=15)
-    return {
-        "macs": float(rep.macs),
-        "params": float(rep.params),
-        "accuracy": evaluate(model, test),
-        "latency_ms_b64": float(lat.latency_ms),
-        "latency_p90_ms_b64": float(lat.latency_p90_ms),
-    }
+    return {"macs": float(rep.macs), "params": float(rep.params), "accuracy": evaluate(model, test)}
+
+
+def latencies(models: dict[str, nn.Module], batch: int = 64, rounds: int = 5, runs: int = 5) -> dict[str, float]:
+    """CPU latency (ms) of one eval forward pass at ``batch`` images, per model, with ``md.profile``.
+
+    The models are timed in turns (``rounds`` x ``runs`` passes each) and the median is reported, so that a
+    background load on a shared machine affects every model alike.
+    """
+    xb = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(rounds):
+        for name, m in models.items():
+            times[name].append(md.profile(m.eval(), xb, warmup=2 if r == 0 else 1, runs=runs).latency_ms)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def format_table(rows: dict[str, dict[str, Any]], teacher_macs: float) -> str:
@@ -280,11 +321,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decay-lr", type=float, default=0.02, help="learning rate during decay and fine-tune")
     p.add_argument("--macs", type=float, default=0.5, help="student MACs as a fraction of the teacher's")
     p.add_argument("--regularizers", nargs="+", default=list(REGULARIZERS), help="any of sparsity l1 l2 hard ...")
+    p.add_argument("--strength", type=_strength, action="append", default=[], metavar="NAME=VALUE",
+                   help="regularizer strength instead of the library default, e.g. --strength l1=0.05 (repeatable)")
     p.add_argument("--train-subset", type=int, default=None, help="use only this many training images")
     p.add_argument("--eval-masked", action="store_true", help="also evaluate the masked model before export")
+    p.add_argument("--reuse-teacher", action="store_true", help="load OUT/teacher.pt if trained with the same settings")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.strength = dict(args.strength)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -304,21 +350,28 @@ def main(argv: list[str] | None = None) -> int:
              len(train), len(test), DATA_NOTE, torch.__version__, torch.get_num_threads())
 
     t0 = time.perf_counter()
-    teacher = train_teacher(args, train)
+    teacher = train_teacher(args, train, out)
     timings["teacher_s"] = time.perf_counter() - t0
     rows: dict[str, dict[str, Any]] = {"teacher": measure(teacher, test)}
     log.info("teacher: %.2f %% test accuracy", rows["teacher"]["accuracy"])
 
     histories: dict[str, Any] = {}
+    models: dict[str, nn.Module] = {"teacher": teacher}
     for reg in args.regularizers:
         t0 = time.perf_counter()
         student, hist, info = mask_decay(teacher, reg, args, train, test)
         rows[reg] = {**measure(student, test), **info}
+        models[reg] = student
         timings[f"{reg}_s"] = time.perf_counter() - t0
         histories[reg] = hist
         (out / reg).mkdir(exist_ok=True)
         (out / reg / "history.json").write_text(json.dumps(hist))  # `maskdecay plot runs/demo/<reg> ...` reads it
         log.info("%s: %.2f %% test accuracy after fine-tune (%.0f s)", reg, rows[reg]["accuracy"], timings[f"{reg}_s"])
+
+    t0 = time.perf_counter()
+    for name, ms in latencies(models).items():
+        rows[name]["latency_ms_b64"] = ms
+    timings["latency_s"] = time.perf_counter() - t0
 
     plots = []
     for reg, hist in histories.items():
@@ -350,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     print("MACs/params per 3x32x32 image. Top-1 accuracy (%) on the 10,000 test images: 'acc export' right "
           "after export, 'acc final' after the short fine-tune.")
     print("'cut' = largest removed mask set to 0 at the end of the decay (0 = the masks got there by themselves).")
-    print(f"Latency: one eval forward pass, CPU, batch 64, {torch.get_num_threads()} threads, median of 15.")
+    print(f"Latency: one eval forward pass, CPU, batch 64, {torch.get_num_threads()} threads, median of 25 "
+          "(models timed in turns).")
     print(table)
     print(f"\nplots: " + ", ".join(str(p) for p in plots))
     print(f"results: {out / 'results.json'}; re-plot with: maskdecay plot "
