@@ -1,6 +1,6 @@
 """Quick-start demo: shrink a small CIFAR-10 CNN to 50 % of its MACs with mask decay.
 
-What it does (``make demo`` runs it; about 5-6 minutes on 2 CPU cores):
+What it does (``make demo`` runs it; about 6 minutes on 2 idle CPU cores, longer on a busy machine):
 
 1. loads CIFAR-10 (the project's JPEG q75 re-encoding) from ``--data`` and caches the
    decoded arrays under ``--out``;
@@ -343,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
 
-    train, test = load_cifar10(args.data, cache_dir=out / "cache")
+    try:
+        train, test = load_cifar10(args.data, cache_dir=out / "cache")
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"demo: error: {exc}") from None
     train = train.subset(args.train_subset, seed=args.seed)
     timings["data_s"] = time.perf_counter() - t_start
     log.info("data: %d train / %d test images (%s), torch %s, %d threads",
