@@ -158,6 +158,7 @@ class MaskDecay:
         for v in values:
             v.grad = None
 
+    @torch.no_grad()
     def _project(self) -> None:
         s = self.ceiling
         reg = self.regularizer

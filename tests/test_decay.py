@@ -1,0 +1,167 @@
+"""Regularizers, schedules and MaskDecay: each regularizer's defining property, AMP, resume (acceptance 5)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import maskdecay as md
+from maskdecay import schedules
+from nets import resnet_cifar
+
+
+def _setup(regularizer, steps: int = 30, schedule: str = "cosine", mask_lr: float = 0.05):
+    torch.manual_seed(0)
+    model = resnet_cifar(8, width=8).train()
+    teacher = copy.deepcopy(model).eval()
+    x = torch.randn(8, 3, 32, 32)
+    masks = md.ChannelMasks(model, x[:1])
+    plan = md.plan(masks, macs=0.5)
+    decay = md.MaskDecay(masks, plan, steps=steps, schedule=schedule, regularizer=regularizer, mask_lr=mask_lr,
+                         record_every=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return model, teacher, x, masks, decay, opt
+
+
+def _train_step(model, teacher, x, decay, opt, autocast: bool = False) -> float:
+    with torch.no_grad():
+        target = teacher(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+        loss = F.mse_loss(out.float(), target) + decay.penalty()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    decay.step()
+    return float(loss.detach())
+
+
+def _removed_kept(masks, decay):
+    rem = torch.cat([v.detach()[r] for v, r in zip(masks.values, decay.removed_masks)])
+    kept = torch.cat([v.detach()[~r] for v, r in zip(masks.values, decay.removed_masks)])
+    return rem, kept
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "exp", "step"])
+def test_sparsity_loss_zero_by_n_kept_untouched(schedule: str) -> None:
+    model, teacher, x, masks, decay, opt = _setup(md.SparsityLoss(strength=0.05), steps=24, schedule=schedule)
+    while not decay.done:
+        _train_step(model, teacher, x, decay, opt)
+        rem, kept = _removed_kept(masks, decay)
+        assert bool((rem >= 0).all()) and bool((rem <= decay.ceiling + 1e-7).all())
+        assert bool((kept == 1).all())
+    rem, _ = _removed_kept(masks, decay)
+    assert bool((rem == 0).all())
+    assert decay.history["cut_jump"] == 0.0  # nothing left to cut: no final jump
+
+
+def test_sparsity_pull_grows_near_zero_and_zeroes_masks_early() -> None:
+    model, teacher, x, masks, decay, opt = _setup(md.SparsityLoss(strength=5.0), steps=40, schedule="linear")
+    for _ in range(30):
+        _train_step(model, teacher, x, decay, opt)
+    rem, _ = _removed_kept(masks, decay)
+    assert decay.ceiling > 0.2
+    assert float((rem == 0).float().mean()) > 0.5  # most removed masks hit exactly 0 well before the ceiling does
+    m = torch.tensor([0.5, 0.05, 0.005], requires_grad=True)
+    torch.log1p(m / 0.05).sum().backward()
+    assert m.grad[2] > m.grad[1] > m.grad[0]  # the pull grows as the mask shrinks (L2's vanishes)
+
+
+def test_hard_follows_schedule_exactly() -> None:
+    model, teacher, x, masks, decay, opt = _setup("hard", steps=10, schedule="linear")
+    for t in range(1, 11):
+        _train_step(model, teacher, x, decay, opt)
+        rem, kept = _removed_kept(masks, decay)
+        assert torch.allclose(rem, torch.full_like(rem, max(0.0, 1 - t / 10)))
+        assert bool((kept == 1).all())
+
+
+def test_l2_never_reaches_zero_then_cut_jumps() -> None:
+    model, teacher, x, masks, decay, opt = _setup(md.L2(strength=0.5), steps=20)
+    for _ in range(19):
+        _train_step(model, teacher, x, decay, opt)
+    rem, _ = _removed_kept(masks, decay)
+    assert bool((rem.abs() > 0).all())
+    _train_step(model, teacher, x, decay, opt)
+    rem, _ = _removed_kept(masks, decay)
+    assert decay.done and bool((rem == 0).all())
+    assert decay.history["cut_jump"] > 0
+
+
+def test_l1_shrinks_kept_masks_too() -> None:
+    model, teacher, x, masks, decay, opt = _setup(md.L1(strength=0.05), steps=20)
+    while not decay.done:
+        _train_step(model, teacher, x, decay, opt)
+    rem, kept = _removed_kept(masks, decay)
+    assert float(kept.mean()) < 0.99  # L1 pulls important channels too
+    assert bool((rem == 0).all()) and decay.history["cut_jump"] > 0
+
+
+def test_bn_scale_l1_shrinks_norm_scales_not_masks() -> None:
+    model, teacher, x, masks, decay, opt = _setup(md.BNScaleL1(strength=1e-2), steps=10)
+    before = sum(float(m.weight.abs().sum()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    for _ in range(9):
+        _train_step(model, teacher, x, decay, opt)
+        assert all(bool((v == 1).all()) for v in masks.values)
+    after = sum(float(m.weight.abs().sum()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert after < before
+
+
+def test_group_lasso_gradient_reaches_all_member_weights() -> None:
+    model, teacher, x, masks, decay, opt = _setup(md.GroupLasso(strength=1.0), steps=10)
+    decay.penalty().backward()
+    g = masks.groups[0]
+    for m in g.members:
+        assert m.module.weight.grad is not None and float(m.module.weight.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("reg", ["sparsity", "hard", "l1", "l2", "bn", "group_lasso"])
+def test_bf16_autocast(reg: str) -> None:
+    model, teacher, x, masks, decay, opt = _setup(reg, steps=6)
+    while not decay.done:
+        loss = _train_step(model, teacher, x, decay, opt, autocast=True)
+        assert loss == loss  # not NaN
+    rem, _ = _removed_kept(masks, decay)
+    assert bool((rem == 0).all())
+
+
+def test_resume_mid_decay_gives_same_trajectory() -> None:
+    model, teacher, x, masks, decay, opt = _setup("sparsity", steps=12)
+    for _ in range(12):
+        _train_step(model, teacher, x, decay, opt)
+    reference = masks.state_dict()
+
+    model, teacher, x, masks, decay, opt = _setup("sparsity", steps=12)
+    for _ in range(5):
+        _train_step(model, teacher, x, decay, opt)
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(decay.state_dict()))
+
+    model2, teacher2, x2, masks2, decay2, opt2 = _setup("sparsity", steps=12)
+    model2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    decay2.load_state_dict(saved[2])
+    assert decay2.t == 5
+    for _ in range(7):
+        _train_step(model2, teacher, x, decay2, opt2)
+    for name, v in masks2.state_dict().items():
+        assert torch.equal(v, reference[name])
+    assert decay2.history["step"][-1] == 12
+
+
+@pytest.mark.parametrize("name", sorted(schedules.SCHEDULES))
+def test_schedules_go_from_one_to_zero(name: str) -> None:
+    f = schedules.get_schedule(name)
+    vals = [schedules.evaluate(f, t, 20) for t in range(21)]
+    assert vals[0] == 1.0 and vals[-1] == 0.0
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_bad_schedule_and_regularizer() -> None:
+    with pytest.raises(ValueError, match="unknown schedule"):
+        schedules.get_schedule("nope")
+    with pytest.raises(ValueError, match="must return values in"):
+        schedules.evaluate(lambda t, n: 2.0, 1, 10)
+    with pytest.raises(ValueError, match="unknown regularizer"):
+        md.regularizers.get_regularizer("l3")
