@@ -256,8 +256,8 @@ def _reject_reason(seen: dict, names: dict, ignored: set[int], graph: tp.Depende
             return "holds a bare nn.Parameter"
         if module not in names:
             continue
-        if id(module) in ignored:
-            return f"holds ignored layer {names[module]!r}"
+        if id(module) in ignored and graph.is_out_channel_pruning_fn(fn):
+            return f"holds the output channels of ignored layer {names[module]!r}"
         if not isinstance(module, SUPPORTED_TYPES):
             return f"holds {type(module).__name__} {names[module]!r}, which cannot be shrunk exactly"
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not _is_depthwise(module):

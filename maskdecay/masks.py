@@ -40,7 +40,8 @@ class ChannelMasks:
         model: the teacher. Hooks are attached at once; :meth:`remove` detaches them (``export`` does it for you).
         example_inputs: a tensor, a tuple of positional inputs or a dict of keyword inputs, used to trace the model
             and count MACs.
-        ignored_layers: layers (with their submodules) whose channels must not change, e.g. the classifier.
+        ignored_layers: layers (with their submodules) whose output channels must not change, e.g. the classifier
+            (as in Torch-Pruning, their input channels may still shrink with the layer that feeds them).
         round_to: plans keep a multiple of this many units per group (e.g. 8 for fast kernels).
         forward_fn: ``forward_fn(model, example_inputs)`` when the model is not called as ``model(*inputs)``.
         output_transform: maps a non-tensor output (a dict, a dataclass...) to a tensor or a list of tensors.
