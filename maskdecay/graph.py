@@ -296,7 +296,8 @@ def _build_group(name: str, seen: dict, names: dict, ignored: set[int], graph: t
         units = [unit_of[uf.find(min(rec[i]))] for i in idxs]
         members.append(Member(names[node.module], node.module, role, fn,
                               torch.tensor(idxs, dtype=torch.long), torch.tensor(units, dtype=torch.long)))
-    members.sort(key=lambda m: list(names.values()).index(m.name))
+    order = {n: i for i, n in enumerate(names.values())}
+    members.sort(key=lambda m: order[m.name])
     group = Group(name=name, size=len(comps), members=members, unit_channels=len(root_rec) // len(comps))
     group.mask_points = _mask_points(members, graph)
     return group

@@ -106,7 +106,7 @@ class ChannelMasks:
         out_units, in_units, depthwise = {}, {}, set()
         for name in layer_macs:
             m = modules[name]
-            n_out = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
+            n_out = _out_channels(m)
             n_in = m.in_channels if isinstance(m, nn.modules.conv._ConvNd) else m.in_features
             out_units[name] = torch.full((n_out,), -1, dtype=torch.long)
             in_units[name] = torch.full((n_in,), -1, dtype=torch.long)

@@ -40,11 +40,13 @@ class Regularizer:
     """
 
     name = "base"
+    default_strength = 0.0
     learns_masks = False
     ceiling = False
     follows_schedule = False
 
-    def __init__(self, strength: float = 0.0, scope: str = "all") -> None:
+    def __init__(self, strength: float | None = None, scope: str = "all") -> None:
+        strength = self.default_strength if strength is None else strength
         if strength < 0:
             raise ValueError(f"strength must be >= 0, got {strength}")
         if scope not in ("all", "removed"):
@@ -122,11 +124,9 @@ class SparsityLoss(Regularizer):
 
 
 class _MaskNorm(Regularizer):
+    default_strength = 1e-3
     learns_masks = True
     power = 1
-
-    def __init__(self, strength: float = 1e-3, scope: str = "all") -> None:
-        super().__init__(strength, scope)
 
     def penalty(self, t: int, s: float) -> torch.Tensor:
         assert self.decay is not None
@@ -159,9 +159,7 @@ class BNScaleL1(Regularizer):
     """
 
     name = "bn"
-
-    def __init__(self, strength: float = 1e-4, scope: str = "all") -> None:
-        super().__init__(strength, scope)
+    default_strength = 1e-4
 
     def penalty(self, t: int, s: float) -> torch.Tensor:
         assert self.decay is not None
@@ -180,9 +178,7 @@ class GroupLasso(Regularizer):
     member layer), as in group-sparsity pruning. Masks stay 1 until the cut at step N."""
 
     name = "group_lasso"
-
-    def __init__(self, strength: float = 1e-4, scope: str = "all") -> None:
-        super().__init__(strength, scope)
+    default_strength = 1e-4
 
     def penalty(self, t: int, s: float) -> torch.Tensor:
         assert self.decay is not None

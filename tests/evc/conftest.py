@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+import torch
+
 _EXAMPLES = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
 _mod = sys.modules.get("evc")
 if _mod is not None and getattr(_mod, "__file__", None) is None:  # a namespace package picked up from tests/
@@ -16,3 +19,12 @@ if _mod is not None and getattr(_mod, "__file__", None) is None:  # a namespace 
         del sys.modules[_name]
 if _EXAMPLES not in sys.path:
     sys.path.insert(0, _EXAMPLES)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """EVC tests run single-threaded (exactness tests set their own thread counts)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -21,14 +21,6 @@ from evc.exact import ExactNet, quantize_rows
 KODAK = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "kodak")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     torch.manual_seed(0)

@@ -11,14 +11,6 @@ import evc
 from evc.models import ARCHS, WIDTHS, extract_state_dict, infer_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _conv(d, k, cout, cin, kh=1, kw=1):
     d[k + ".weight"] = (cout, cin, kh, kw)
     d[k + ".bias"] = (cout,)
