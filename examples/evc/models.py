@@ -253,21 +253,29 @@ class EVC(nn.Module):
         """Float32 forward; returns x_hat (unclamped) and the estimated bits per image of y and z.
 
         ``quant="round"`` is hard rounding (like the official ``forward``); ``quant="ste"`` rounds with a
-        straight-through gradient (our training proxy; the official training proxy is not published). This path is
-        for training and speed work; coding uses :mod:`evc.codec`, whose entropy parameters are computed with the
-        exact (deterministic) path."""
+        straight-through gradient; ``quant="mixed"`` (our training default, see docs/evc_training.md) feeds the
+        STE-rounded latents to the decoder and the spatial prior but estimates the rates on latent + U(-1/2, 1/2)
+        noise. The official training proxy is not published. Rates are computed in float32 (also under autocast).
+        This path is for training and speed work; coding uses :mod:`evc.codec`, whose entropy parameters are
+        computed with the exact (deterministic) path."""
         from .entropy import gaussian_bits, factorized_bits  # local import: avoid a cycle
 
-        if quant == "ste":
+        if quant in ("ste", "mixed"):
             def rnd(v: torch.Tensor) -> torch.Tensor:
                 return v + (torch.round(v) - v).detach()
         elif quant == "round":
             rnd = torch.round
         else:
-            raise ValueError(f"quant must be 'round' or 'ste', got {quant!r}")
+            raise ValueError(f"quant must be 'round', 'ste' or 'mixed', got {quant!r}")
+
+        def rate_input(v: torch.Tensor, v_hat: torch.Tensor) -> torch.Tensor:
+            if quant == "mixed":
+                return v.float() + torch.empty_like(v, dtype=torch.float32).uniform_(-0.5, 0.5)
+            return v_hat.float()
         curr_q = self.curr_q(q_scale)
         y = self.analysis(x) / curr_q
-        z_hat = rnd(self.hyper_enc(y))
+        z = self.hyper_enc(y)
+        z_hat = rnd(z)
         params = self.y_prior_fusion(self.hyper_dec(z_hat))
         q_step, scales, means = params.chunk(3, 1)
         quant_step = torch.clamp_min(q_step, 0.5)
@@ -278,18 +286,21 @@ class EVC(nn.Module):
         mask0, mask1 = checkerboard(y.shape[-2], y.shape[-1], y.device, y.dtype)
         mean_p1 = m0 * mask0 + m1 * mask1
         scale_p1 = s0 * mask0 + s1 * mask1
-        res_p1 = rnd(y0 * mask0 + y1 * mask1 - mean_p1)
+        r_p1 = y0 * mask0 + y1 * mask1 - mean_p1
+        res_p1 = rnd(r_p1)
         yhat_p1 = res_p1 + mean_p1
         sp = self.y_spatial_prior(torch.cat([yhat_p1 * mask0, yhat_p1 * mask1, means, scales, quant_step], 1))
         ss0, mm0, ss1, mm1 = sp.chunk(4, 1)
         mean_p2 = mm0 * mask1 + mm1 * mask0
         scale_p2 = ss0 * mask1 + ss1 * mask0
-        res_p2 = rnd(y0 * mask1 + y1 * mask0 - mean_p2)
+        r_p2 = y0 * mask1 + y1 * mask0 - mean_p2
+        res_p2 = rnd(r_p2)
         yhat_p2 = res_p2 + mean_p2
         y_hat = torch.cat([yhat_p1 * mask0 + yhat_p2 * mask1, yhat_p1 * mask1 + yhat_p2 * mask0], 1) * quant_step
         x_hat = self.dec(y_hat * curr_q)
-        bits_y = gaussian_bits(res_p1, scale_p1).flatten(1).sum(1) + gaussian_bits(res_p2, scale_p2).flatten(1).sum(1)
-        bits_z = factorized_bits(self.bit_estimator_z, z_hat).flatten(1).sum(1)
+        bits_y = (gaussian_bits(rate_input(r_p1, res_p1), scale_p1.float()).flatten(1).sum(1)
+                  + gaussian_bits(rate_input(r_p2, res_p2), scale_p2.float()).flatten(1).sum(1))
+        bits_z = factorized_bits(self.bit_estimator_z, rate_input(z, z_hat)).flatten(1).sum(1)
         return {"x_hat": x_hat, "bits_y": bits_y, "bits_z": bits_z}
 
 
