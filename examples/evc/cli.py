@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print the header of a .evc file")
     p.add_argument("input")
+
+    from evc import decay, train  # training commands live in their own modules
+
+    train.add_parser(sub)
+    decay.add_parser(sub)
     return ap
 
 
@@ -501,7 +506,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 _PARSER: argparse.ArgumentParser | None = None
 
 COMMANDS = {"encode": cmd_encode, "decode": cmd_decode, "eval": cmd_eval, "bdrate": cmd_bdrate,
-            "plot": cmd_plot, "bench": cmd_bench, "info": cmd_info}
+            "plot": cmd_plot, "bench": cmd_bench, "info": cmd_info,
+            "train": lambda a: a.handler(a), "decay": lambda a: a.handler(a)}  # handlers set by their modules
 
 
 def main(argv: Sequence[str] | None = None) -> int:
