@@ -28,6 +28,52 @@ def _out_channels(module: nn.Module) -> int:
     raise TypeError(f"cannot tell the channel count of {type(module).__name__}")
 
 
+def _fold_dims(module: nn.Module) -> dict[str, int] | None:
+    """``{parameter name: dim of its output channels}`` when a mask can be folded into ``module``'s parameters."""
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+        return {"weight": 0, "bias": 0} if module.weight is not None and module.bias is not None else None
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        dims = {"weight": 1} if module.groups == 1 else None
+    elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+        dims = {"weight": 0}
+    else:
+        return None
+    if dims is not None and module.bias is not None:
+        dims["bias"] = 0
+    return dims
+
+
+def _fold_hooks(dims: dict[str, int], vector: Callable[[torch.device], torch.Tensor]) -> tuple[Callable, Callable]:
+    """Forward pre-hook and hook that swap ``param·mask`` in for each parameter in ``dims``, then restore it."""
+    def swap(mod: nn.Module, inputs: tuple) -> None:
+        originals = {name: mod._parameters[name] for name in dims}
+        vec = vector(originals["weight"].device)
+        for name, dim in dims.items():
+            p = originals[name]
+            shape = [1] * p.dim()
+            shape[dim] = p.shape[dim]
+            mod._parameters[name] = p * vec.to(p.dtype).view(shape)
+        mod._maskdecay_originals = originals
+
+    def restore(mod: nn.Module, inputs: tuple, out: Any) -> None:
+        originals = mod.__dict__.pop("_maskdecay_originals", None)
+        if originals is not None:
+            mod._parameters.update(originals)
+    return swap, restore
+
+
+def _multiply_output(module: nn.Module, vector: Callable[[torch.device], torch.Tensor]) -> Callable:
+    """Forward hook multiplying the output channels of ``module`` by the mask."""
+    channel_last = isinstance(module, nn.Linear)
+
+    def hook(mod: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        dim = out.dim() - 1 if channel_last else 1
+        shape = [1] * out.dim()
+        shape[dim] = out.shape[dim]
+        return out * vector(out.device).to(out.dtype).view(shape)
+    return hook
+
+
 class ChannelMasks:
     """Masks on every prunable output channel of ``model``, grouped by dependency.
 
@@ -160,7 +206,13 @@ class ChannelMasks:
 
     # ------------------------------------------------------------------ hooks
     def attach(self) -> None:
-        """Attach the forward hooks that multiply layer outputs by the masks (done by the constructor)."""
+        """Make the masks act on the model (done by the constructor).
+
+        Where the masked layer is a conv, linear or affine norm layer, the mask is folded into its parameters for the
+        duration of each forward (``W·m``, ``b·m``; ``γ·m``, ``β·m`` for a norm), which costs O(channels) instead of
+        a multiply over the whole activation. Other layers get their output multiplied. Both give the same output
+        and the same gradients; the model's parameters and ``state_dict`` are left untouched.
+        """
         if self._handles:
             return
         per_module: dict[int, tuple[nn.Module, list]] = {}
@@ -168,10 +220,17 @@ class ChannelMasks:
             for mp in g.mask_points:
                 per_module.setdefault(id(mp.module), (mp.module, []))[1].append((g.index, mp.idxs, mp.units))
         for module, entries in per_module.values():
-            self._handles.append(module.register_forward_hook(self._make_hook(module, entries)))
+            vector = self._mask_vector(module, entries)
+            dims = _fold_dims(module)
+            if dims is None:
+                self._handles.append(module.register_forward_hook(_multiply_output(module, vector)))
+            else:
+                swap, restore = _fold_hooks(dims, vector)
+                self._handles.append(module.register_forward_pre_hook(swap))
+                self._handles.append(module.register_forward_hook(restore, always_call=True))
 
     def remove(self) -> None:
-        """Detach the hooks: the model runs unmasked again."""
+        """Detach the masks: the model runs unmasked again."""
         for h in self._handles:
             h.remove()
         self._handles = []
@@ -181,29 +240,23 @@ class ChannelMasks:
         """Whether the masks currently act on the model."""
         return bool(self._handles)
 
-    def _make_hook(self, module: nn.Module, entries: list) -> Callable:
-        channel_last = isinstance(module, nn.Linear)
+    def _mask_vector(self, module: nn.Module, entries: list) -> Callable[[torch.device], torch.Tensor]:
+        """A function giving the mask of each output channel of ``module`` (1 where no group masks it)."""
         n = _out_channels(module)
         values = self.values
-        simple = None
         if len(entries) == 1:
             gi, idxs, units = entries[0]
             if len(idxs) == n and torch.equal(idxs, torch.arange(n)):
-                simple = (gi, None if torch.equal(units, torch.arange(n)) else units)
+                if torch.equal(units, torch.arange(n)):
+                    return lambda device: values[gi]
+                return lambda device: values[gi][units.to(device)]
 
-        def hook(mod: nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
-            dim = out.dim() - 1 if channel_last else 1
-            if simple is not None:
-                gi, units = simple
-                vec = values[gi] if units is None else values[gi][units.to(out.device)]
-            else:
-                vec = torch.ones(out.shape[dim], device=out.device, dtype=values[0].dtype)
-                for gi, idxs, units in entries:
-                    vec = vec.index_copy(0, idxs.to(out.device), values[gi][units.to(out.device)])
-            shape = [1] * out.dim()
-            shape[dim] = out.shape[dim]
-            return out * vec.to(out.dtype).view(shape)
-        return hook
+        def vector(device: torch.device) -> torch.Tensor:
+            vec = torch.ones(n, device=device, dtype=values[0].dtype)
+            for gi, idxs, units in entries:
+                vec = vec.index_copy(0, idxs.to(device), values[gi][units.to(device)])
+            return vec
+        return vector
 
     def __repr__(self) -> str:
         return (f"ChannelMasks({len(self.groups)} groups, {self.n_units} units, "

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import maskdecay as md
 from maskdecay import schedules
-from nets import resnet_cifar
+from nets import ALL_NETS, example_input, resnet_cifar
 
 
 def _setup(regularizer, steps: int = 30, schedule: str = "cosine", mask_lr: float = 0.05):
@@ -165,3 +165,30 @@ def test_bad_schedule_and_regularizer() -> None:
         schedules.evaluate(lambda t, n: 2.0, 1, 10)
     with pytest.raises(ValueError, match="unknown regularizer"):
         md.regularizers.get_regularizer("l3")
+
+
+@pytest.mark.parametrize("name", sorted(ALL_NETS))
+def test_folded_masks_match_output_multiply(name, monkeypatch):
+    """Masks folded into conv/norm parameters give the outputs and gradients of multiplying the activations."""
+    import maskdecay.masks as mm
+
+    results = []
+    for fold in (True, False):
+        torch.manual_seed(0)
+        model = ALL_NETS[name][0]().train()
+        x = example_input(name, batch=2)
+        if not fold:
+            monkeypatch.setattr(mm, "_fold_dims", lambda module: None)
+        masks = md.ChannelMasks(model, x[:1])
+        with torch.no_grad():
+            for v in masks.values:
+                v.uniform_(0.0, 1.5)
+        out = model(x)
+        out.square().mean().backward()
+        results.append((out.detach(), [v.grad.clone() for v in masks.values],
+                        [p.grad.clone() for p in model.parameters()], copy.deepcopy(model.state_dict())))
+    (o1, m1, p1, s1), (o2, m2, p2, s2) = results
+    assert torch.allclose(o1, o2, rtol=1e-4, atol=1e-5)
+    for a, b in zip(m1 + p1, m2 + p2):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+    assert s1.keys() == s2.keys()
