@@ -34,8 +34,8 @@ from .train import Dist, Hooks, RDObjective, _param_groups, add_common_args, run
 
 log = logging.getLogger(__name__)
 
-__all__ = ["student_spec", "attach_masks", "stage_plan", "DistillObjective", "run_decay", "cmd_decay",
-           "add_parser"]
+__all__ = ["student_spec", "attach_masks", "stage_plan", "DistillObjective", "decay_and_export", "run_decay",
+           "cmd_decay", "add_parser"]
 
 #: module index inside ``enc``/``dec`` -> stage (0 = C1 ... 2 = C3); the last stage (C4 = latent) is never pruned
 _STAGE = {"enc": {0: 0, 1: 0, 2: 1, 3: 1, 4: 2, 5: 2}, "dec": {1: 2, 2: 2, 3: 1, 4: 1, 5: 0, 6: 0}}
@@ -155,18 +155,14 @@ def _frozen(m: EVC) -> EVC:
     return m.eval()
 
 
-def _decay_phase(cfg: Config, teacher: EVC, name: str, enc: tuple[int, ...], dec: tuple[int, ...], out_dir: str,
-                 d: Dist, resume: bool, stop_after: int | None, progress: bool) -> dict[str, Any] | None:
-    """Mask decay then export; returns the exported checkpoint dict, or None if stopped early."""
+def decay_and_export(cfg: Config, model: EVC, teacher: EVC, masks: Any, plan: Any, phase_dir: str, d: Dist,
+                     resume: bool, stop_after: int | None, progress: bool) -> tuple[Any, Any, dict] | None:
+    """Run the decay phase on ``model`` (masked by ``masks``; only its trainable parameters are optimised), then
+    ``md.export`` it in place. Returns (optimizer with remapped state, MaskDecay, run summary), or None if stopped
+    before the masks reached 0."""
     import maskdecay as md
 
     dc = cfg.decay
-    torch.manual_seed(cfg.train.seed)
-    model = copy.deepcopy(teacher).train()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    masks = attach_masks(model, enc != tuple(teacher.enc_widths), dec != tuple(teacher.dec_widths))
-    plan = stage_plan(masks, teacher, enc, dec, dc.importance)
     decay = md.MaskDecay(masks, plan, steps=dc.steps, schedule=dc.schedule, regularizer=_regularizer(dc),
                          mask_lr=dc.mask_lr)
     hooks = Hooks(penalty=decay.penalty, after_step=decay.step, state=decay.state_dict,
@@ -175,16 +171,35 @@ def _decay_phase(cfg: Config, teacher: EVC, name: str, enc: tuple[int, ...], dec
                                      "kept_min": decay.history["kept_min"][-1]})
     opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas))  # type: ignore[arg-type]
-    torch.manual_seed(cfg.train.seed + 7919 * d.rank)
     objective = DistillObjective(model, teacher, cfg.train.lambdas, cfg.train.quant, dc.distill_output,
                                  dc.distill_latent)
-    phase_dir = os.path.join(out_dir, "decay")
     summary = run_training(cfg, objective, phase_dir, d, steps=dc.steps, resume=resume, stop_after=stop_after,
                            hooks=hooks, optimizer=opt, desc=f"decay {dc.regularizer}", progress=progress,
                            save_final=False)
     if not decay.done:
         return None
     md.export(model, masks, optimizer=opt)
+    return opt, decay, summary
+
+
+def _decay_phase(cfg: Config, teacher: EVC, name: str, enc: tuple[int, ...], dec: tuple[int, ...], out_dir: str,
+                 d: Dist, resume: bool, stop_after: int | None, progress: bool) -> dict[str, Any] | None:
+    """Mask decay, export, strict load into the plain student; returns the exported checkpoint dict (also written
+    to ``OUT/exported.pt``), or None if stopped early."""
+    import maskdecay as md
+
+    torch.manual_seed(cfg.train.seed)
+    model = copy.deepcopy(teacher).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    masks = attach_masks(model, enc != tuple(teacher.enc_widths), dec != tuple(teacher.dec_widths))
+    plan = stage_plan(masks, teacher, enc, dec, cfg.decay.importance)
+    torch.manual_seed(cfg.train.seed + 7919 * d.rank)
+    res = decay_and_export(cfg, model, teacher, masks, plan, os.path.join(out_dir, "decay"), d, resume,
+                           stop_after, progress)
+    if res is None:
+        return None
+    opt, decay, summary = res
     student = build_model(name, anchor_num=teacher.anchor_num)
     student.load_state_dict(model.state_dict(), strict=True)  # the official small-model layout, exactly
     ck = {"state_dict": student.state_dict(), "config": student.config, "optimizer": opt.state_dict(),
