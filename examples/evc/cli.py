@@ -12,7 +12,6 @@ import math
 import os
 import platform
 import sys
-import time
 from typing import Any, Sequence
 
 __all__ = ["main", "resolve_model"]
@@ -96,6 +95,14 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reference", action="store_true",
+                   help="plain path (eager float32 modules, evc.exact twins) instead of the fast path (same entropy "
+                        "parameters; see docs/performance.md)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="fast path: precision of the float transforms (for GPUs; entropy parameters stay exact)")
+
+
 def _add_rate_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--q", type=_unit_float, help="rate in [0,1]: 0 = lowest-rate anchor, 1 = highest (default 1)")
@@ -124,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     _add_model_args(p)
     _add_rate_args(p)
+    _add_engine_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
 
     p = sub.add_parser("decode", help="decompress a .evc file to an image (PNG)")
@@ -135,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-synthesis", action="store_true",
                    help="float32 synthesis (about 3-4x faster on CPU; the image may then differ in the last bit "
                         "between thread counts/machines; default is the exact, bit-reproducible synthesis)")
+    _add_engine_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
 
     p = sub.add_parser("eval", help="evaluate on a folder of images (real bitstreams)")
@@ -165,21 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="psnr", choices=["psnr", "ms-ssim"])
     p.add_argument("--title", default=None)
 
-    p = sub.add_parser("bench", help="speed of a random-init model (no checkpoint needed)")
-    p.add_argument("--arch", default="EVC_SS")
-    p.add_argument("--size", type=_parse_size, default=(768, 512), help="WxH (default 768x512)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up (default 3)")
-    p.add_argument("--image", default=None, help="image to code (default: a synthetic smooth image)")
-    p.add_argument("--rate-index", type=int, default=3)
-    p.add_argument("--json", dest="json_out", default=None, help="also write results to this JSON file")
-
     p = sub.add_parser("info", help="print the header of a .evc file")
     p.add_argument("input")
 
-    from evc import decay, train  # training commands live in their own modules
+    from evc import bench, decay, train  # these commands live in their own modules
 
+    bench.add_parser(sub)
     train.add_parser(sub)
     decay.add_parser(sub)
     return ap
@@ -196,6 +196,18 @@ def _setup_torch(args: argparse.Namespace) -> None:
     dev = getattr(args, "device", "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"device {dev} requested but CUDA is not available")
+
+
+def _engine(args: argparse.Namespace, model: Any) -> Any:
+    """The inference engine asked for on the command line (fast unless --reference)."""
+    if args.reference:
+        if args.dtype != "fp32":
+            raise CLIError("--dtype applies to the fast path, not to --reference")
+        return None
+    from evc.fast import DTYPES, FastEngine, tune_allocator
+
+    tune_allocator()
+    return FastEngine(model, dtype=DTYPES[args.dtype])
 
 
 def _read_bytes(path: str) -> bytes:
@@ -223,7 +235,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     model = resolve_model(args.model, args.arch, args.device)
     rate = evc.select_rate(model, q=args.q, q_scale=args.q_scale, rate_index=args.rate_index)
-    res = evc.compress(model, x.to(args.device), rate, enc_id=args.enc_id, flags=flags)
+    res = evc.compress(model, x.to(args.device), rate, enc_id=args.enc_id, flags=flags,
+                       engine=_engine(args, model))
     atomic_write_bytes(args.output, res.data)
     size = os.path.getsize(args.output)
     info = {
@@ -250,7 +263,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
     data = _read_bytes(args.input)
     evc.bitstream.unpack(data)  # fail fast on a corrupt stream, before loading the model
     model = resolve_model(args.model, args.arch, args.device)
-    out = evc.decompress(model, data, max_pixels=args.max_pixels, exact_synthesis=not args.fast_synthesis)
+    out = evc.decompress(model, data, max_pixels=args.max_pixels, exact_synthesis=not args.fast_synthesis,
+                         engine=_engine(args, model))
     evc.save_image(args.output, out.x_hat)
     h = out.header
     info = {"input": args.input, "output": args.output, "width": h.width, "height": h.height, "q_scale": h.q_scale,
@@ -398,95 +412,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _synthetic_image(w: int, h: int) -> Any:
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    yy = torch.linspace(0, 1, h).view(1, 1, h, 1)
-    xx = torch.linspace(0, 1, w).view(1, 1, 1, w)
-    base = torch.cat([0.5 + 0.4 * torch.sin(6 * xx + 3 * yy), 0.5 + 0.4 * torch.cos(5 * yy - 2 * xx),
-                      0.5 + 0.3 * torch.sin(9 * xx * yy)], 1)
-    return (base + 0.03 * torch.randn(1, 3, h, w, generator=g)).clamp(0, 1)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
-
-    import evc
-
-    _setup_torch(args)
-    if args.runs < 1:
-        raise CLIError("--runs must be >= 1")
-    w, h = args.size
-    torch.manual_seed(0)
-    model = evc.build_model(args.arch).to(args.device).eval()
-    if args.image:
-        x, _, _ = evc.load_image(args.image)
-        x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
-    else:
-        x = _synthetic_image(w, h)
-    x = x.to(args.device)
-    rate = evc.select_rate(model, rate_index=args.rate_index)
-    evc.compress(model, x, rate)  # warm-up (also builds tables)
-    encs, decs, fasts = [], [], []
-    for _ in range(args.runs):
-        t0 = time.perf_counter()
-        r = evc.compress(model, x, rate)
-        t1 = time.perf_counter()
-        d = evc.decompress(model, r.data)
-        t2 = time.perf_counter()
-        df = evc.decompress(model, r.data, exact_synthesis=False)
-        t3 = time.perf_counter()
-        encs.append((t1 - t0, r.times))
-        decs.append((t2 - t1, d.times))
-        fasts.append((t3 - t2, df.times))
-
-    def med(v: list[float]) -> float:
-        v = sorted(v)
-        return v[len(v) // 2]
-
-    enc_wall = med([e[0] for e in encs])
-    dec_wall = med([d[0] for d in decs])
-    res = {
-        "arch": args.arch, "size": f"{w}x{h}", "device": args.device, "threads": torch.get_num_threads(),
-        "runs": args.runs, "bytes": len(r.data), "bpp": r.bpp, "symbols": r.num_symbols,
-        "encode_s": enc_wall, "decode_s": dec_wall,
-        "enc_analysis_s": med([e[1]["analysis"] for e in encs]),
-        "enc_prior_s": med([e[1]["prior"] for e in encs]),
-        "enc_entropy_s": med([e[1]["entropy_coding"] for e in encs]),
-        "dec_prior_s": med([d[1]["prior"] for d in decs]),
-        "dec_entropy_s": med([d[1]["entropy_coding"] for d in decs]),
-        "dec_synthesis_s": med([d[1]["synthesis"] for d in decs]),
-        "decode_fast_s": med([d[0] for d in fasts]),
-        "dec_synthesis_fast_s": med([d[1]["synthesis"] for d in fasts]),
-        "encode_fps": 1.0 / enc_wall, "decode_fps": 1.0 / dec_wall,
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-    }
-    res["enc_entropy_ns_per_symbol"] = res["enc_entropy_s"] / r.num_symbols * 1e9
-    res["dec_entropy_ns_per_symbol"] = res["dec_entropy_s"] / r.num_symbols * 1e9
-    rows = [
-        ("encode total", res["encode_s"]), ("  analysis (enc + hyper_enc)", res["enc_analysis_s"]),
-        ("  entropy parameters (exact prior)", res["enc_prior_s"]), ("  entropy coding", res["enc_entropy_s"]),
-        ("decode total", res["decode_s"]), ("  entropy parameters (exact prior)", res["dec_prior_s"]),
-        ("  entropy decoding", res["dec_entropy_s"]), ("  synthesis (dec, exact float64)", res["dec_synthesis_s"]),
-        ("decode total, --fast-synthesis", res["decode_fast_s"]),
-        ("  synthesis (dec, float32)", res["dec_synthesis_fast_s"]),
-    ]
-    print(f"{args.arch} {w}x{h} {args.device} threads={res['threads']} random weights, median of {args.runs}")
-    print(f"{'stage':<36} {'ms':>10}")
-    for name, v in rows:
-        print(f"{name:<36} {v * 1000:>10.1f}")
-    print(f"encode {res['encode_fps']:.2f} FPS, decode {res['decode_fps']:.2f} FPS "
-          f"({1 / res['decode_fast_s']:.2f} FPS with --fast-synthesis); entropy coding "
-          f"{res['enc_entropy_ns_per_symbol']:.1f} / {res['dec_entropy_ns_per_symbol']:.1f} ns/symbol (enc/dec), "
-          f"{r.num_symbols} symbols, {len(r.data)} bytes")
-    if args.json_out:
-        from evc.bitstream import atomic_write_bytes
-
-        atomic_write_bytes(args.json_out, (json.dumps(res, indent=1) + "\n").encode())
-    return 0
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     from evc.bitstream import unpack
     from evc.models import ARCH_CODES
@@ -506,7 +431,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 _PARSER: argparse.ArgumentParser | None = None
 
 COMMANDS = {"encode": cmd_encode, "decode": cmd_decode, "eval": cmd_eval, "bdrate": cmd_bdrate,
-            "plot": cmd_plot, "bench": cmd_bench, "info": cmd_info,
+            "plot": cmd_plot, "bench": lambda a: a.handler(a), "info": cmd_info,
             "train": lambda a: a.handler(a), "decay": lambda a: a.handler(a)}  # handlers set by their modules
 
 

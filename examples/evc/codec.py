@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "PAD",
+    "ReferenceEngine",
     "RateSpec",
     "select_rate",
     "EncodeResult",
@@ -106,6 +107,49 @@ def _context(model: EVC) -> _Context:
     )
     object.__setattr__(model, "_evc_ctx", ctx)
     return ctx
+
+
+class ReferenceEngine:
+    """The plain inference path: the model's own float32 modules (eager) for the analysis, ``hyper_enc`` and the
+    float synthesis, and the exact float64 twins of :mod:`evc.exact` for the entropy parameters and the exact
+    synthesis. :class:`evc.fast.FastEngine` has the same interface."""
+
+    def __init__(self, model: EVC) -> None:
+        self.model = model
+        self.key = _state_key(model)
+
+    def latents(self, xp: torch.Tensor, enc_id: int | None) -> torch.Tensor:
+        """Candidate latents (K,B,N,h,w): K = 1 except for scalable models without ``enc_id``."""
+        if isinstance(self.model, ScalableEVC):
+            return self.model.candidates(xp, enc_id)
+        return self.model.enc(xp).unsqueeze(0)
+
+    def hyper_enc(self, y: torch.Tensor) -> torch.Tensor:
+        """hyper_enc of y / curr_q (float32), before rounding."""
+        return self.model.hyper_enc(y)
+
+    def prior(self, z_hat64: torch.Tensor) -> torch.Tensor:
+        """Exact ``y_prior_fusion(hyper_dec(z_hat))`` in float64."""
+        ctx = _context(self.model)
+        return ctx.fusion(ctx.hyper_dec(z_hat64))
+
+    def spatial(self, inp: torch.Tensor) -> torch.Tensor:
+        """Exact ``y_spatial_prior`` in float64."""
+        return _context(self.model).spatial(inp)
+
+    def synthesis(self, y64: torch.Tensor, exact: bool) -> torch.Tensor:
+        """Image (before clamping) from the dequantised latent: exact float64 twin, or the float32 ``dec``."""
+        if exact:
+            return _context(self.model).synthesis(y64)
+        return self.model.dec(y64.to(torch.float32))
+
+
+def _engine(model: EVC, engine: "ReferenceEngine | None") -> "ReferenceEngine":
+    if engine is None:
+        return ReferenceEngine(model)
+    if engine.model is not model or engine.key != _state_key(model):
+        raise ValueError("the engine was built for another model or for weights that have changed since: rebuild it")
+    return engine
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,13 +236,13 @@ def _curr_q64(model: EVC, q_scale: float) -> torch.Tensor:
     return torch.clamp_min(model.q_basic.detach().to(torch.float64), 0.5) * float(q_scale)
 
 
-def _prior(ctx: _Context, z_hat64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    params = ctx.fusion(ctx.hyper_dec(z_hat64))
+def _prior(eng: ReferenceEngine, z_hat64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    params = eng.prior(z_hat64)
     q_step, scales, means = params.chunk(3, 1)
     return q_step, scales, means
 
 
-def _dual_prior(ctx: _Context, params: tuple[torch.Tensor, torch.Tensor, torch.Tensor], y2: torch.Tensor | None,
+def _dual_prior(eng: ReferenceEngine, params: tuple[torch.Tensor, torch.Tensor, torch.Tensor], y2: torch.Tensor | None,
                 code: CodeFn) -> torch.Tensor:
     """Two-pass dual spatial prior. ``y2`` = y / curr_q in float64 (None when decoding). ``code(residual, scales)``
     codes/decodes/estimates one pass and returns the integer symbols as float64. Returns y_hat / curr_q."""
@@ -215,7 +259,7 @@ def _dual_prior(ctx: _Context, params: tuple[torch.Tensor, torch.Tensor, torch.T
     scale_p1 = s0 * mask0 + s1 * mask1
     res_p1 = torch.round(y0 * mask0 + y1 * mask1 - mean_p1) if y2 is not None else None
     yhat_p1 = code(res_p1, scale_p1) + mean_p1
-    sp = ctx.spatial(torch.cat([yhat_p1 * mask0, yhat_p1 * mask1, means, scales, quant_step], 1))
+    sp = eng.spatial(torch.cat([yhat_p1 * mask0, yhat_p1 * mask1, means, scales, quant_step], 1))
     ss0, mm0, ss1, mm1 = sp.chunk(4, 1)
     mean_p2 = mm0 * mask1 + mm1 * mask0
     scale_p2 = ss0 * mask1 + ss1 * mask0
@@ -247,20 +291,14 @@ def _check_input(x: torch.Tensor) -> None:
         raise ValueError("image contains NaN/inf")
 
 
-def _latents(model: EVC, xp: torch.Tensor, enc_id: int | None) -> torch.Tensor:
-    if isinstance(model, ScalableEVC):
-        return model.candidates(xp, enc_id)
-    return model.enc(xp).unsqueeze(0)
-
-
 @torch.no_grad()
-def _estimate(model: EVC, ctx: _Context, y: torch.Tensor, q_scale: float) -> dict[str, torch.Tensor]:
+def _estimate(model: EVC, eng: ReferenceEngine, y: torch.Tensor, q_scale: float) -> dict[str, torch.Tensor]:
     """Quantised forward from latents y (B,N,h,w): y_hat/curr_q, per-sample estimated bits and ideal z."""
     curr_q = _curr_q64(model, q_scale)
     y2 = y.to(torch.float64) / curr_q
-    z_hat = torch.round(model.hyper_enc(y2.to(torch.float32))).to(torch.float64)
+    z_hat = torch.round(eng.hyper_enc(y2.to(torch.float32))).to(torch.float64)
     bits_z = _z_bits(model, z_hat)
-    params = _prior(ctx, z_hat)
+    params = _prior(eng, z_hat)
     bits_y = torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
 
     def est(res: torch.Tensor | None, scales: torch.Tensor) -> torch.Tensor:
@@ -268,7 +306,7 @@ def _estimate(model: EVC, ctx: _Context, y: torch.Tensor, q_scale: float) -> dic
         bits_y = bits_y + gaussian_bits(res, scales).flatten(1).sum(1)
         return res
 
-    y_hat = _dual_prior(ctx, params, y2, est)
+    y_hat = _dual_prior(eng, params, y2, est)
     return {"y_hat": y_hat, "curr_q": curr_q, "bits_y": bits_y, "bits_z": bits_z, "z_hat": z_hat}
 
 
@@ -279,21 +317,22 @@ def _z_bits(model: EVC, z_hat64: torch.Tensor) -> torch.Tensor:
     return torch.clamp_min(-torch.log2(p + 1e-5), 0.0).flatten(1).sum(1)
 
 
-def _synth(model: EVC, y_hat64: torch.Tensor, curr_q: torch.Tensor, exact: bool = True) -> torch.Tensor:
+def _synth(eng: ReferenceEngine, y_hat64: torch.Tensor, curr_q: torch.Tensor, exact: bool = True) -> torch.Tensor:
     """Synthesis of y_hat. ``exact=True`` (default) uses the exact float64 twin, so the decoded image is identical
-    for any thread count / process; ``exact=False`` is the faster float32 path (last-bit differences possible)."""
+    for any thread count / process; ``exact=False`` is the faster float path (last-bit differences possible)."""
     if exact:
-        return _context(model).synthesis(y_hat64 * curr_q).clamp_(0.0, 1.0).to(torch.float32)
-    return model.dec((y_hat64 * curr_q).to(torch.float32)).clamp_(0.0, 1.0)
+        return eng.synthesis(y_hat64 * curr_q, True).clamp_(0.0, 1.0).to(torch.float32)
+    return eng.synthesis(y_hat64 * curr_q, False).clamp_(0.0, 1.0)
 
 
-def _choose(model: ScalableEVC, ctx: _Context, cands: torch.Tensor, xp: torch.Tensor, rate: RateSpec) -> int:
+def _choose(model: ScalableEVC, eng: ReferenceEngine, cands: torch.Tensor, xp: torch.Tensor,
+            rate: RateSpec) -> int:
     """RD choice among candidates (reference 1.8): cost = lam*255^2*mse_sum_over_channels + bpp (padded pixels)."""
     k = cands.shape[0]
     if k == 1:
         return 0
-    est = _estimate(model, ctx, cands[:, 0], rate.q_scale)
-    x_hat = _synth(model, est["y_hat"], est["curr_q"], exact=False)
+    est = _estimate(model, eng, cands[:, 0], rate.q_scale)
+    x_hat = _synth(eng, est["y_hat"], est["curr_q"], exact=False)
     pix = xp.shape[-1] * xp.shape[-2]
     mse = ((x_hat - xp.expand_as(x_hat)) ** 2).sum(1).mean((1, 2)).to(torch.float64)
     bpp = (est["bits_y"] + est["bits_z"]) / pix
@@ -339,7 +378,7 @@ def _sync(dev: torch.device) -> None:
 
 @torch.no_grad()
 def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = None, flags: int = 0,
-             return_recon: bool = False) -> EncodeResult:
+             return_recon: bool = False, engine: ReferenceEngine | None = None) -> EncodeResult:
     """Encode one image ``x`` (1,3,H,W) in [0,1] to bytes.
 
     Args:
@@ -349,25 +388,28 @@ def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = N
         enc_id: scalable models only: use encoders 0..enc_id (no RD choice).
         flags: header flags (bitstream.FLAG_*).
         return_recon: also synthesise the reconstruction (not part of the timed encoder).
+        engine: the networks to run (default :class:`ReferenceEngine`; :class:`evc.fast.FastEngine` is faster and
+            gives the same entropy parameters).
     """
     _check_input(x)
     if x.shape[0] != 1:
         raise ValueError("compress codes one image at a time")
     dev = x.device
     ctx = _context(model)
+    eng = _engine(model, engine)
     H, W = x.shape[-2:]
     times: dict[str, float] = {}
     _sync(dev)
     t0 = time.perf_counter()
     xp = pad_image(x)
-    cands = _latents(model, xp, enc_id)
+    cands = eng.latents(xp, enc_id)
     choice = None
     if cands.shape[0] > 1:
-        choice = _choose(model, ctx, cands, xp, rate)  # type: ignore[arg-type]
+        choice = _choose(model, eng, cands, xp, rate)  # type: ignore[arg-type]
     y = cands[choice] if choice is not None else cands[-1]
     curr_q = _curr_q64(model, rate.q_scale)
     y2 = y.to(torch.float64) / curr_q
-    z_hat = torch.round(model.hyper_enc(y2.to(torch.float32))).to(torch.float64)
+    z_hat = torch.round(eng.hyper_enc(y2.to(torch.float32))).to(torch.float64)
     _sync(dev)
     t1 = time.perf_counter()
     times["analysis"] = t1 - t0
@@ -377,7 +419,7 @@ def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = N
     z_sym = z_hat.cpu().numpy().astype(np.int64)
     writer.write(z_sym, _z_index(z_hat), ctx.z_tables)
     t_code += time.perf_counter() - tc
-    params = _prior(ctx, z_hat)
+    params = _prior(eng, z_hat)
     est_y = [0.0]
 
     def enc(res: torch.Tensor | None, scales: torch.Tensor) -> torch.Tensor:
@@ -391,7 +433,7 @@ def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = N
         t_code += time.perf_counter() - tcc
         return res
 
-    y_hat = _dual_prior(ctx, params, y2, enc)
+    y_hat = _dual_prior(eng, params, y2, enc)
     tc = time.perf_counter()
     payload = writer.finish()
     t_code += time.perf_counter() - tc
@@ -406,19 +448,21 @@ def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = N
     est_bits = est_y[0] + float(_z_bits(model, z_hat).sum())
     x_hat = None
     if return_recon:
-        x_hat = _synth(model, y_hat, curr_q)[..., :H, :W]
+        x_hat = _synth(eng, y_hat, curr_q)[..., :H, :W]
     return EncodeResult(data, int(H), int(W), rate, est_bits, writer.ideal_bits, writer.num_symbols, times,
                         choice, x_hat)
 
 
 @torch.no_grad()
 def decompress(model: EVC, data: bytes, device: torch.device | str | None = None,
-               max_pixels: int = MAX_DECODE_PIXELS, exact_synthesis: bool = True) -> DecodeResult:
+               max_pixels: int = MAX_DECODE_PIXELS, exact_synthesis: bool = True,
+               engine: ReferenceEngine | None = None) -> DecodeResult:
     """Decode a stream produced by :func:`compress` with the same (decoder-side) weights.
 
     ``max_pixels`` refuses streams that declare larger images (protects memory against hostile headers).
     ``exact_synthesis=False`` uses the float32 synthesis (faster; the image may then differ in the last bit
-    between thread counts, while the decoded latents stay identical).
+    between thread counts, while the decoded latents stay identical). ``engine``: as in :func:`compress`; every
+    engine decodes every stream, and the exact synthesis gives the same image with every engine.
 
     Raises:
         bitstream.BitstreamError: corrupt stream, wrong version, or a model that does not match the stream.
@@ -428,6 +472,7 @@ def decompress(model: EVC, data: bytes, device: torch.device | str | None = None
         raise bs.BitstreamError(f"image {hdr.width}x{hdr.height} exceeds the decoder limit of {max_pixels} pixels")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     ctx = _context(model)
+    eng = _engine(model, engine)
     if hdr.weights_hash != ctx.weights_hash:
         inv = {v: k for k, v in ARCH_CODES.items()}
         raise bs.BitstreamError(
@@ -454,7 +499,7 @@ def decompress(model: EVC, data: bytes, device: torch.device | str | None = None
         raise bs.BitstreamError(str(e)) from None
     t_code += time.perf_counter() - tc
     z_hat = torch.from_numpy(z.astype(np.float64)).to(dev)
-    params = _prior(ctx, z_hat)
+    params = _prior(eng, z_hat)
 
     def dec(res: torch.Tensor | None, scales: torch.Tensor) -> torch.Tensor:
         nonlocal t_code
@@ -468,13 +513,13 @@ def decompress(model: EVC, data: bytes, device: torch.device | str | None = None
         t_code += time.perf_counter() - tcc
         return torch.from_numpy(v.astype(np.float64)).to(dev)
 
-    y_hat = _dual_prior(ctx, params, None, dec)
+    y_hat = _dual_prior(eng, params, None, dec)
     if not reader.is_empty():
         raise bs.BitstreamError("corrupt payload (entropy decoder did not end in its initial state)")
     _sync(dev)
     t1 = time.perf_counter()
     curr_q = _curr_q64(model, hdr.q_scale)
-    x_hat = _synth(model, y_hat, curr_q, exact_synthesis)[..., :hdr.height, :hdr.width]
+    x_hat = _synth(eng, y_hat, curr_q, exact_synthesis)[..., :hdr.height, :hdr.width]
     _sync(dev)
     t2 = time.perf_counter()
     times["entropy_coding"] = t_code
@@ -485,26 +530,27 @@ def decompress(model: EVC, data: bytes, device: torch.device | str | None = None
 
 
 @torch.no_grad()
-def reconstruct(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = None) -> dict[str, torch.Tensor]:
+def reconstruct(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = None,
+                engine: ReferenceEngine | None = None) -> dict[str, torch.Tensor]:
     """The model's own quantised forward pass (no entropy coding): reconstruction and estimated bits.
 
     Uses the same exact entropy-parameter path as :func:`compress`, so ``x_hat`` equals what the decoder produces.
-    Works on batches; bits are per image over the padded area."""
+    Works on batches; bits are per image over the padded area. ``engine``: as in :func:`compress`."""
     _check_input(x)
-    ctx = _context(model)
+    eng = _engine(model, engine)
     H, W = x.shape[-2:]
     xp = pad_image(x)
-    cands = _latents(model, xp, enc_id)
+    cands = eng.latents(xp, enc_id)
     if cands.shape[0] > 1:
         ys = []
         for b in range(x.shape[0]):
-            c = _choose(model, ctx, cands[:, b:b + 1], xp[b:b + 1], rate)  # type: ignore[arg-type]
+            c = _choose(model, eng, cands[:, b:b + 1], xp[b:b + 1], rate)  # type: ignore[arg-type]
             ys.append(cands[c, b:b + 1])
         y = torch.cat(ys, 0)
     else:
         y = cands[-1]
-    est = _estimate(model, ctx, y, rate.q_scale)
-    x_hat = _synth(model, est["y_hat"], est["curr_q"])[..., :H, :W]
+    est = _estimate(model, eng, y, rate.q_scale)
+    x_hat = _synth(eng, est["y_hat"], est["curr_q"])[..., :H, :W]
     return {"x_hat": x_hat, "y_hat": est["y_hat"], "bits": est["bits_y"] + est["bits_z"],
             "bits_y": est["bits_y"], "bits_z": est["bits_z"]}
 

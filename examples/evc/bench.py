@@ -1,0 +1,431 @@
+"""``evc bench``: speed of the EVC codec, reference path and fast path measured in the same run, interleaved.
+
+Stages (each timed separately, warm-up first, then ``--runs`` timed repetitions; median and p90):
+
+* ``forward``: one networks-only pass, what the official EVC code timed (encoder, hyper encoder, hyper decoder,
+  prior fusion, spatial prior, decoder; float, no entropy coding). Reference: the model's own float32 modules;
+  fast: the same networks through the fast float transforms.
+* ``encode``: :func:`evc.compress` (analysis, hyper encoder, exact entropy parameters, entropy coding).
+* ``decode``: :func:`evc.decompress` with the float synthesis (``--fast-synthesis``).
+* ``decode-exact``: :func:`evc.decompress` with the exact (bit-reproducible) synthesis, the CLI default.
+
+"Networks only" of the codec = encode minus entropy coding plus decode minus entropy decoding. The fast engine
+must produce the same entropy parameters; the bench checks that the two encoders wrote the same bytes and that
+each decoder decodes the other's stream to the same image.
+
+Timing: ``time.perf_counter`` around synchronised calls on CPU, CUDA events on GPU. The machine load
+(``os.getloadavg``) is recorded before and after: on a shared machine compare the two paths by their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["add_parser", "run_bench", "BenchConfig"]
+
+STAGES = ("forward", "encode", "decode", "decode-exact")
+
+
+@dataclass
+class BenchConfig:
+    """What ``evc bench`` measures."""
+
+    arch: str = "EVC_SS"
+    width: int = 768
+    height: int = 512
+    device: str = "cpu"
+    dtype: str = "fp32"
+    impl: str = "fused"
+    channels_last: bool = False
+    compile: bool = False
+    cuda_graphs: bool = False
+    threads: int | None = None
+    runs: int = 3
+    warmup: int = 1
+    rate_index: int = 3
+    image: str | None = None
+    stages: tuple[str, ...] = STAGES
+    reference: bool = True
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def synthetic_image(w: int, h: int) -> torch.Tensor:
+    """A smooth, slightly noisy test image (1,3,h,w) in [0,1] (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    yy = torch.linspace(0, 1, h).view(1, 1, h, 1)
+    xx = torch.linspace(0, 1, w).view(1, 1, 1, w)
+    base = torch.cat([0.5 + 0.4 * torch.sin(6 * xx + 3 * yy), 0.5 + 0.4 * torch.cos(5 * yy - 2 * xx),
+                      0.5 + 0.3 * torch.sin(9 * xx * yy)], 1)
+    return (base + 0.03 * torch.randn(1, 3, h, w, generator=g)).clamp(0, 1)
+
+
+class _Clock:
+    """Wall time of a call: perf_counter on CPU, CUDA events on GPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn: Callable[[], Any]) -> tuple[float, Any]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            out = fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000.0, out
+        t0 = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t0, out
+
+
+def _forward_fn(model: Any, x: torch.Tensor, fast: Any | None) -> Callable[[], torch.Tensor]:
+    """One float networks-only pass, as the official code timed it (``EVC.forward`` without the bit estimates):
+    enc, hyper_enc, rounding, hyper_dec, fusion, the two-pass dual prior with one spatial-prior call, dec.
+    ``fast``: a FastEngine whose float transform is used for every network (None: the model's own modules)."""
+    from .models import checkerboard
+
+    if getattr(model, "scalable", False):
+        raise ValueError("the forward stage times single-encoder models only")
+    names = ("enc", "hyper_enc", "hyper_dec", "y_prior_fusion", "y_spatial_prior", "dec")
+    f = {n: (fast.transform(getattr(model, n)) if fast is not None else getattr(model, n)) for n in names}
+    curr_q = model.curr_q(model.q_scale[-1]).detach()
+
+    @torch.inference_mode()
+    def run() -> torch.Tensor:
+        y = f["enc"](x) / curr_q
+        z_hat = torch.round(f["hyper_enc"](y))
+        q_step, scales, means = f["y_prior_fusion"](f["hyper_dec"](z_hat)).chunk(3, 1)
+        quant_step = torch.clamp_min(q_step, 0.5)
+        y0, y1 = (y / quant_step).chunk(2, 1)
+        s0, s1 = scales.chunk(2, 1)
+        m0, m1 = means.chunk(2, 1)
+        mask0, mask1 = checkerboard(y.shape[-2], y.shape[-1], y.device, y.dtype)
+        mean_p1 = m0 * mask0 + m1 * mask1
+        yhat_p1 = torch.round(y0 * mask0 + y1 * mask1 - mean_p1) + mean_p1
+        sp = f["y_spatial_prior"](torch.cat([yhat_p1 * mask0, yhat_p1 * mask1, means, scales, quant_step], 1))
+        _, mm0, _, mm1 = sp.chunk(4, 1)
+        mean_p2 = mm0 * mask1 + mm1 * mask0
+        yhat_p2 = torch.round(y0 * mask1 + y1 * mask0 - mean_p2) + mean_p2
+        y_hat = torch.cat([yhat_p1 * mask0 + yhat_p2 * mask1, yhat_p1 * mask1 + yhat_p2 * mask0], 1) * quant_step
+        return f["dec"](y_hat * curr_q)
+    return run
+
+
+def _pct(v: list[float], p: float) -> float:
+    s = sorted(v)
+    return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))]
+
+
+def _summary(v: list[float]) -> dict[str, Any]:
+    return {"median_s": statistics.median(v), "p90_s": _pct(v, 90), "runs_s": [round(t, 6) for t in v]}
+
+
+def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure; returns the JSON-ready result (see the module docstring)."""
+    import evc
+    from .fast import DTYPES, FastEngine
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dev = torch.device(cfg.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {cfg.device} requested but CUDA is not available")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+    unknown = set(cfg.stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    torch.manual_seed(cfg.seed)
+    model = evc.build_model(cfg.arch).to(dev).eval()
+    w, h = cfg.width, cfg.height
+    if cfg.image:
+        x, _, _ = evc.load_image(cfg.image)
+        x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
+    else:
+        x = synthetic_image(w, h)
+    x = x.to(dev)
+    rate = evc.select_rate(model, rate_index=cfg.rate_index)
+    opts = {"dtype": DTYPES[cfg.dtype], "impl": cfg.impl, "channels_last": cfg.channels_last,
+            "compile": cfg.compile, "cuda_graphs": cfg.cuda_graphs}
+    t_build = time.perf_counter()
+    fast = FastEngine(model, **opts)
+    build_s = time.perf_counter() - t_build
+    engines: dict[str, Any] = {"fast": fast}
+    if cfg.reference:
+        engines = {"reference": evc.codec.ReferenceEngine(model), "fast": fast}
+    xp = evc.codec.pad_image(x)
+    forwards = {name: _forward_fn(model, xp, fast if name == "fast" else None)
+                for name in engines} if "forward" in cfg.stages else {}
+    clock = _Clock(dev)
+    streams: dict[str, bytes] = {}
+    symbols = 0
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in engines}
+
+    def add(name: str, key: str, v: float) -> None:
+        times[name].setdefault(key, []).append(v)
+
+    load_before = os.getloadavg()
+    t_first: dict[str, float] = {}
+    for it in range(cfg.warmup + cfg.runs):
+        timed = it >= cfg.warmup
+        for name, eng in engines.items():  # interleaved: reference then fast in every repetition
+            if progress:
+                progress(f"{'run' if timed else 'warm-up'} {it - cfg.warmup + 1 if timed else it + 1}: {name}")
+            if "forward" in cfg.stages:
+                t, _ = clock(forwards[name])
+                if it == 0:
+                    t_first[f"{name}_forward"] = t
+                if timed:
+                    add(name, "forward", t)
+            data = None
+            if {"encode", "decode", "decode-exact"} & set(cfg.stages):
+                t, r = clock(lambda: evc.compress(model, x, rate, engine=eng))
+                data = r.data
+                streams[name] = data
+                symbols = r.num_symbols
+                if timed and "encode" in cfg.stages:
+                    add(name, "encode", t)
+                    add(name, "enc_analysis", r.times["analysis"])
+                    add(name, "enc_entropy_params", r.times["prior"])
+                    add(name, "enc_entropy_coding", r.times["entropy_coding"])
+                    add(name, "enc_networks", r.times["analysis"] + r.times["prior"])
+            for stage, exact in (("decode", False), ("decode-exact", True)):
+                if stage not in cfg.stages:
+                    continue
+                t, d = clock(lambda: evc.decompress(model, data, exact_synthesis=exact, engine=eng))
+                if timed:
+                    tag = "dec" if not exact else "dec_exact"
+                    add(name, stage, t)
+                    add(name, f"{tag}_entropy_params", d.times["prior"])
+                    add(name, f"{tag}_entropy_coding", d.times["entropy_coding"])
+                    add(name, f"{tag}_synthesis", d.times["synthesis"])
+                    add(name, f"{tag}_networks", d.times["prior"] + d.times["synthesis"])
+        for name in engines:
+            tn = times[name]
+            if timed and "enc_networks" in tn and "dec_networks" in tn:
+                add(name, "codec_networks", tn["enc_networks"][-1] + tn["dec_networks"][-1])
+            if timed and "enc_networks" in tn and "dec_exact_networks" in tn:
+                add(name, "codec_networks_exact", tn["enc_networks"][-1] + tn["dec_exact_networks"][-1])
+    load_after = os.getloadavg()
+
+    res: dict[str, Any] = {
+        "config": {"arch": cfg.arch, "size": f"{w}x{h}", "padded": f"{x.shape[-1] + (-w) % 64}x{h + (-h) % 64}",
+                   "device": cfg.device, "dtype": cfg.dtype, "impl": cfg.impl, "channels_last": cfg.channels_last,
+                   "compile": cfg.compile, "cuda_graphs": cfg.cuda_graphs, "threads": torch.get_num_threads(),
+                   "runs": cfg.runs, "warmup": cfg.warmup, "rate_index": cfg.rate_index,
+                   "image": cfg.image or "synthetic", "stages": list(cfg.stages), **cfg.extra},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+                    "torch": torch.__version__, "loadavg_before": [round(v, 2) for v in load_before],
+                    "loadavg_after": [round(v, 2) for v in load_after],
+                    "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
+        "fast_engine_build_s": round(build_s, 3),
+        "first_call_s": {k: round(v, 3) for k, v in t_first.items()},
+        "results": {name: {k: _summary(v) for k, v in tv.items()} for name, tv in times.items()},
+    }
+    if "reference" in times:
+        res["speedup"] = {k: res["results"]["reference"][k]["median_s"] / res["results"]["fast"][k]["median_s"]
+                          for k in times["fast"] if k in times["reference"]
+                          and res["results"]["fast"][k]["median_s"] > 0}
+    if streams:
+        res.update(_checks(model, x, streams, engines))
+    res.update(_flat_summary(res, symbols))
+    return res
+
+
+def _flat_summary(res: dict[str, Any], symbols: int) -> dict[str, float]:
+    """Top-level keys for the fast path (what ``evc encode`` / ``evc decode`` run by default), the layout of the
+    codec issue's bench JSON: seconds, FPS, entropy-coding ns/symbol."""
+    r = res["results"]["fast"]
+    out: dict[str, float] = {}
+    pairs = (("forward_s", "forward"), ("encode_s", "encode"), ("decode_s", "decode-exact"),
+             ("decode_fast_s", "decode"), ("enc_entropy_s", "enc_entropy_coding"),
+             ("dec_entropy_s", "dec_exact_entropy_coding"), ("codec_networks_s", "codec_networks"))
+    for key, stage in pairs:
+        if stage in r:
+            out[key] = r[stage]["median_s"]
+    if "dec_entropy_s" not in out and "dec_entropy_coding" in r:
+        out["dec_entropy_s"] = r["dec_entropy_coding"]["median_s"]
+    for key, fps in (("encode_s", "encode_fps"), ("decode_s", "decode_fps"), ("decode_fast_s", "decode_fast_fps"),
+                     ("forward_s", "forward_fps")):
+        if key in out:
+            out[fps] = 1.0 / out[key]
+    if symbols:
+        out["symbols"] = symbols
+        for key in ("enc_entropy_s", "dec_entropy_s"):
+            if key in out:
+                out[key[:-2] + "_ns_per_symbol"] = out[key] / symbols * 1e9
+    return out
+
+
+@torch.inference_mode()
+def _checks(model: Any, x: torch.Tensor, streams: dict[str, bytes], engines: dict[str, Any]) -> dict[str, Any]:
+    """Stream identity, cross decoding, and the float-synthesis error against the exact synthesis."""
+    import evc
+    from .metrics import psnr
+
+    out: dict[str, Any] = {"stream_bytes": {k: len(v) for k, v in streams.items()},
+                           "bpp": {k: len(v) * 8 / (x.shape[-1] * x.shape[-2]) for k, v in streams.items()}}
+    fast = engines["fast"]
+    s_fast = streams["fast"]
+    exact_fast = evc.decompress(model, s_fast, engine=fast).x_hat
+    float_fast = evc.decompress(model, s_fast, exact_synthesis=False, engine=fast).x_hat
+    out["psnr_float_vs_exact_synthesis_db"] = float(psnr(float_fast, exact_fast))
+    out["max_abs_float_vs_exact_synthesis"] = float((float_fast - exact_fast).abs().max())
+    if "reference" in streams:
+        ref = engines["reference"]
+        out["streams_identical"] = streams["reference"] == s_fast
+        exact_ref = evc.decompress(model, s_fast, engine=ref).x_hat
+        out["cross_decode_identical"] = bool(torch.equal(exact_ref, exact_fast))
+        out["reference_stream_decodes_identically"] = bool(torch.equal(
+            evc.decompress(model, streams["reference"], engine=ref).x_hat,
+            evc.decompress(model, streams["reference"], engine=fast).x_hat))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------------------
+_ROWS = (
+    ("forward", "networks only, one forward (official timing)"),
+    ("codec_networks", "codec networks: encode + decode"),
+    ("codec_networks_exact", "codec networks, exact synthesis"),
+    ("encode", "encode (wall, incl. entropy coding)"),
+    ("enc_analysis", "  analysis (enc + hyper_enc)"),
+    ("enc_entropy_params", "  entropy parameters (exact)"),
+    ("enc_entropy_coding", "  entropy coding"),
+    ("decode", "decode, float synthesis (wall)"),
+    ("dec_entropy_params", "  entropy parameters (exact)"),
+    ("dec_entropy_coding", "  entropy decoding"),
+    ("dec_synthesis", "  synthesis (float)"),
+    ("decode-exact", "decode, exact synthesis (wall)"),
+    ("dec_exact_synthesis", "  synthesis (exact float64)"),
+)
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """The human-readable table of a :func:`run_bench` result."""
+    c = res["config"]
+    m = res["machine"]
+    names = list(res["results"])
+    lines = [f"{c['arch']} {c['size']} (padded {c['padded']}) {c['device']} threads={c['threads']} fast path: "
+             f"impl={c['impl']} dtype={c['dtype']}" + (" channels_last" if c["channels_last"] else "")
+             + (" compile" if c["compile"] else "") + (" cuda_graphs" if c["cuda_graphs"] else "")
+             + f"; random weights; median (p90) of {c['runs']} runs after {c['warmup']} warm-up",
+             f"load average before {m['loadavg_before'][0]:.2f}, after {m['loadavg_after'][0]:.2f} "
+             f"({m['cpu_count']} CPUs)"]
+    head = f"{'stage':<46}" + "".join(f"{n + ' ms':>22}" for n in names)
+    if "speedup" in res:
+        head += f"{'speedup':>9}"
+    lines += [head, "-" * len(head)]
+    for key, label in _ROWS:
+        if not all(key in res["results"][n] for n in names):
+            continue
+        row = f"{label:<46}"
+        for n in names:
+            r = res["results"][n][key]
+            row += f"{r['median_s'] * 1000:>13.1f} ({r['p90_s'] * 1000:>6.0f})"
+        if "speedup" in res and key in res["speedup"]:
+            row += f"{res['speedup'][key]:>8.2f}x"
+        lines.append(row)
+    for n in names:
+        r = res["results"][n]
+        fps = []
+        for key, label in (("forward", "networks-only"), ("encode", "encode"), ("decode", "decode"),
+                           ("decode-exact", "decode exact")):
+            if key in r:
+                fps.append(f"{label} {1 / r[key]['median_s']:.2f}")
+        if fps:
+            lines.append(f"FPS {n}: " + ", ".join(fps))
+    if "streams_identical" in res:
+        lines.append(f"streams identical: {'yes' if res['streams_identical'] else 'NO (float noise flipped a rounding; both decode)'}"
+                     f"; cross-decoding identical: {'yes' if res['cross_decode_identical'] else 'NO'}"
+                     f"; {res['stream_bytes']['fast']} bytes, {res['bpp']['fast']:.4f} bpp")
+    if "psnr_float_vs_exact_synthesis_db" in res:
+        lines.append(f"float vs exact synthesis: PSNR {res['psnr_float_vs_exact_synthesis_db']:.1f} dB, "
+                     f"max abs {res['max_abs_float_vs_exact_synthesis']:.2e}")
+    return "\n".join(lines)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``evc bench`` on the ``evc`` sub-command parser."""
+    from .cli import _parse_size
+
+    p = sub.add_parser("bench", help="speed of the reference and fast paths (random weights, no checkpoint)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="EVC_SS")
+    p.add_argument("--size", type=_parse_size, default=(768, 512),
+                   help="WxH (default 768x512); padded to a multiple of 64 (1920x1080 runs as 1920x1088)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="fast path: precision of the float transforms (exact networks stay float64)")
+    p.add_argument("--impl", default="fused", choices=["fused", "eager"],
+                   help="fast path: fused channels-last executor (default) or the model's own modules")
+    p.add_argument("--channels-last", action="store_true",
+                   help="fast path with --impl eager: channels-last memory format (fused is channels-last anyway)")
+    p.add_argument("--compile", action="store_true", help="fast path: torch.compile the float transforms")
+    p.add_argument("--cuda-graphs", action="store_true", help="fast path on CUDA: replay captured graphs")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--runs", type=int, default=3, help="timed repetitions (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default 1)")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help=f"comma-separated subset of {','.join(STAGES)} (default all)")
+    p.add_argument("--no-reference", action="store_true", help="time the fast path only")
+    p.add_argument("--image", default=None, help="image to code, resized to --size (default: synthetic)")
+    p.add_argument("--rate-index", type=int, default=3)
+    p.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
+    p.set_defaults(handler=cmd_bench)
+    return p
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``evc bench``: run, print the table, write JSON."""
+    from tqdm import tqdm
+
+    from .bitstream import atomic_write_bytes
+    from .cli import CLIError
+    from .fast import tune_allocator
+
+    if args.runs < 1 or args.warmup < 0:
+        raise CLIError("--runs must be >= 1 and --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise CLIError("--threads must be >= 1")
+    if args.channels_last and args.impl != "eager":
+        log.info("--channels-last: the fused executor is channels-last already")
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        raise CLIError("--cuda-graphs needs --device cuda")
+    if args.json_out:
+        d = os.path.dirname(os.path.abspath(args.json_out))
+        if not os.path.isdir(d):
+            raise CLIError(f"{args.json_out}: output folder {d} does not exist")
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    w, h = args.size
+    tuned = tune_allocator()
+    cfg = BenchConfig(arch=args.arch, width=w, height=h, device=args.device, dtype=args.dtype, impl=args.impl,
+                      channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs,
+                      threads=args.threads, runs=args.runs, warmup=args.warmup, rate_index=args.rate_index,
+                      image=args.image, stages=stages, reference=not args.no_reference,
+                      extra={"allocator_tuned": tuned})
+    n_engines = 1 if args.no_reference else 2
+    with tqdm(total=(args.runs + args.warmup) * n_engines, desc="bench", unit="pass", leave=False) as bar:
+        def progress(msg: str) -> None:
+            bar.set_postfix_str(msg)
+            bar.update(1)
+        res = run_bench(cfg, progress)
+    print(format_table(res))
+    if args.json_out:
+        atomic_write_bytes(args.json_out, (json.dumps(res, indent=1) + "\n").encode())
+    return 0

@@ -1,0 +1,724 @@
+"""Fast inference paths for the EVC codec: fused NHWC float transforms and a bit-identical NHWC exact twin.
+
+Two kinds of networks run in a codec, with different rules:
+
+* **Float transforms** (analysis ``enc``, ``hyper_enc``, and the synthesis ``dec`` when ``--fast-synthesis`` is
+  asked for) feed nothing that the decoder must recompute, so any precision and kernel order is allowed.
+  :class:`FastTransform` evaluates them channels-last (NHWC) as plain GEMMs (1x1 convolutions become one ``addmm``
+  on a (pixels, channels) matrix instead of ATen's im2col path with a broadcast bias copy), oneDNN convolutions for
+  the 3x3 kernels, in-place activations, the two 1x1 branches of an upsampling block merged into one GEMM, the
+  pixel shuffle folded into a weight-row permutation (a block copy of whole channel vectors), the depthwise bias of
+  the prior-flavour blocks folded into the next 1x1 bias, and the 4x-wide FFNs evaluated in row bands that stay in
+  cache. ``dtype`` may be float16/bfloat16 (meant for GPUs; on a CPU without native bf16/fp16 it is slower).
+* **Entropy-parameter networks** (``hyper_dec``, ``y_prior_fusion``, ``y_spatial_prior``) and the default exact
+  synthesis must give the encoder's numbers bit for bit. :class:`FastExactNet` computes *exactly* what
+  :class:`evc.exact.ExactNet` computes (same weight and activation grids, same order of every rounding elementwise
+  operation; only the exact integer sums are formed differently), channels-last: per-pixel activation grids become
+  reductions over the contiguous last dimension, every 1x1 convolution is one ``mm`` on a (pixels, channels)
+  matrix, the adaptor of a block is merged into the block's first GEMM (same input, same grid), and a dense 3x3
+  convolution is 9 GEMMs over shifted contiguous windows of the zero-padded, row-flattened input (every partial sum
+  is an integer below 2^53, so any grouping of the sum is exact). Tests check ``torch.equal`` against ExactNet.
+
+:class:`FastEngine` bundles both for :func:`evc.compress` / :func:`evc.decompress` / :func:`evc.reconstruct`
+(``engine=`` argument). Bitstreams from a FastEngine decode with the reference engine and vice versa; the
+entropy parameters are identical. The float analysis differs from the eager float32 analysis by float noise, so a
+rounding of y may occasionally flip: the stream is then a different (equally valid) stream; ``analysis="eager"``
+keeps the model's own analysis modules and gives byte-identical streams.
+
+GPU options (untested in this repository's CI, which has no GPU): ``dtype`` float16/bfloat16 for the float
+transforms, ``cuda_graphs=True`` (one captured graph per input shape for each float transform), ``compile=True``
+(``torch.compile`` of the float transforms). The exact networks always run in float64 on integers.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .exact import W_BITS, _MANT, _exponent, pow2, quantize_rows
+from .layers import (
+    ConvFFN,
+    DepthConv,
+    DepthConvBlock,
+    PriorConvFFN,
+    PriorDepthConv,
+    PriorDepthConvBlock,
+    PriorDepthConvBlockUpsample,
+    ResidualBlockUpsample,
+    ResidualBlockWithStride,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FastTransform", "EagerTransform", "FastExactNet", "FastEngine", "DTYPES", "tune_allocator", "to_nhwc",
+           "to_nchw"]
+
+#: names accepted for the float-transform precision
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+#: target size in bytes of one row band of a 4x-wide FFN intermediate (fits the L2/L3 of common CPUs)
+_BAND_BYTES = 1 << 20
+
+
+def to_nhwc(x: torch.Tensor) -> torch.Tensor:
+    """(B,C,H,W) -> contiguous (B,H,W,C)."""
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def to_nchw(x: torch.Tensor) -> torch.Tensor:
+    """(B,H,W,C) -> (B,C,H,W) view with channels-last strides (no copy)."""
+    return x.permute(0, 3, 1, 2)
+
+
+def _ps_rows(r: int, c_out: int) -> torch.Tensor:
+    """Row permutation that makes a 1x1 conv with ``r*r*c_out`` outputs emit (i, j, c) order instead of PixelShuffle's
+    (c, i, j), so that the NHWC pixel shuffle moves whole channel vectors."""
+    return torch.arange(c_out * r * r).view(c_out, r * r).t().reshape(-1)
+
+
+def _pixel_shuffle_nhwc(x: torch.Tensor, r: int) -> torch.Tensor:
+    """NHWC pixel shuffle of a tensor whose channels are in (i, j, c) order (see :func:`_ps_rows`)."""
+    b, h, w, c = x.shape
+    co = c // (r * r)
+    return x.view(b, h, w, r, r, co).permute(0, 1, 3, 2, 4, 5).reshape(b, h * r, w * r, co)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float transforms
+# ---------------------------------------------------------------------------------------------------------------
+class _FloatBuilder:
+    """Turns EVC transform modules into NHWC closures with weights prepared once."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, band_bytes: int) -> None:
+        self.dtype = dtype
+        self.device = device
+        self.band_bytes = band_bytes
+
+    def _t(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(self.device, self.dtype)
+
+    # -- primitive ops ---------------------------------------------------------------------------------------------
+    def lin_params(self, conv: nn.Conv2d, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if conv.kernel_size != (1, 1) or conv.groups != 1:
+            raise NotImplementedError("expected a 1x1 convolution")
+        w = conv.weight.detach().flatten(1)
+        b = conv.bias.detach() if conv.bias is not None else torch.zeros(w.shape[0])
+        if rows is not None:
+            w, b = w[rows], b[rows]
+        return self._t(w).contiguous(), self._t(b).contiguous()
+
+    def conv(self, conv: nn.Conv2d) -> Fn:
+        """Any KxK convolution through oneDNN/cuDNN on a channels-last view; NHWC in and out."""
+        w = self._t(conv.weight).contiguous(memory_format=torch.channels_last)
+        b = self._t(conv.bias) if conv.bias is not None else None
+        stride, pad, groups = conv.stride, conv.padding, conv.groups
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            y = F.conv2d(to_nchw(x), w, b, stride, pad, 1, groups)
+            return y.permute(0, 2, 3, 1).contiguous()  # a no-op copy when the kernel returned channels-last
+        return f
+
+    # -- blocks ------------------------------------------------------------------------------------------------------
+    def ffn(self, convs: Sequence[nn.Conv2d], slope: float | None) -> Fn:
+        """x + act(W2 act(W1 x + b1) + b2) in row bands (act = ReLU if slope is None, else LeakyReLU(slope))."""
+        w1, b1 = self.lin_params(convs[0])
+        w2, b2 = self.lin_params(convs[1])
+        hidden = w1.shape[0]
+        elem = torch.finfo(self.dtype).bits // 8
+        band_px = max(256, self.band_bytes // (hidden * elem))
+
+        def act(t: torch.Tensor) -> torch.Tensor:
+            return torch.relu_(t) if slope is None else F.leaky_relu_(t, slope)
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            shape = x.shape
+            flat = x.reshape(-1, shape[-1])
+            out = torch.empty_like(flat)
+            for s in range(0, flat.shape[0], band_px):
+                xs = flat[s:s + band_px]
+                h = act(torch.addmm(b1, xs, w1.t()))
+                o = act(torch.addmm(b2, h, w2.t()))
+                torch.add(o, xs, out=out[s:s + band_px])
+            return out.view(shape)
+        return f
+
+    def depth_conv(self, m: DepthConv) -> Fn:
+        """Transform flavour: lrelu(1x1) -> lrelu(dw3x3) -> lrelu(1x1) + identity/adaptor."""
+        s1 = m.conv1[1].negative_slope
+        s2 = m.depth_conv[1].negative_slope
+        s3 = m.conv2[1].negative_slope
+        w1, b1 = self.lin_params(m.conv1[0])
+        dw = self.conv(m.depth_conv[0])
+        w2, b2 = self.lin_params(m.conv2[0])
+        ad = self.module(m.adaptor) if m.adaptor is not None else None
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            t = F.leaky_relu_(F.linear(x, w1, b1), s1)
+            t = F.leaky_relu_(dw(t), s2)
+            t = F.leaky_relu_(F.linear(t, w2, b2), s3)
+            return t.add_(x if ad is None else ad(x))
+        return f
+
+    def prior_depth_conv(self, m: PriorDepthConv) -> Fn:
+        """Prior flavour: lrelu(1x1) -> dw3x3 -> 1x1 + identity; the dw bias is folded into the second 1x1."""
+        s1 = m.conv1[1].negative_slope
+        w1, b1 = self.lin_params(m.conv1[0])
+        dwc = m.depth_conv
+        dw_w = self._t(dwc.weight).contiguous(memory_format=torch.channels_last)
+        stride, pad, groups = dwc.stride, dwc.padding, dwc.groups
+        w2_64 = m.conv2.weight.detach().to(torch.float64).flatten(1)
+        b2_64 = m.conv2.bias.detach().to(torch.float64) + w2_64 @ dwc.bias.detach().to(torch.float64)
+        w2, b2 = self._t(w2_64).contiguous(), self._t(b2_64)
+        ad = self.module(m.adaptor) if m.adaptor is not None else None
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            t = F.leaky_relu_(F.linear(x, w1, b1), s1)
+            t = F.conv2d(to_nchw(t), dw_w, None, stride, pad, 1, groups).permute(0, 2, 3, 1).contiguous()
+            t = F.linear(t, w2, b2)
+            return t.add_(x if ad is None else ad(x))
+        return f
+
+    def stride_block(self, m: ResidualBlockWithStride) -> Fn:
+        c1, c2 = self.conv(m.conv1), self.conv(m.conv2)
+        s1, s2 = m.leaky_relu.negative_slope, m.leaky_relu2.negative_slope
+        wd, bd = self.lin_params(m.downsample) if m.downsample is not None else (None, None)
+        ds = m.downsample.stride[0] if m.downsample is not None else 1
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            t = F.leaky_relu_(c2(F.leaky_relu_(c1(x), s1)), s2)
+            if wd is None:
+                return t.add_(x)
+            xs = x[:, ::ds, ::ds] if ds > 1 else x
+            return t.add_(F.linear(xs, wd, bd))
+        return f
+
+    def upsample_block(self, m: ResidualBlockUpsample) -> Fn:
+        r = m.subpel_conv[1].upscale_factor
+        cout = m.conv.out_channels
+        rows = _ps_rows(r, cout)
+        ws, bs_ = self.lin_params(m.subpel_conv[0], rows)
+        wu, bu = self.lin_params(m.upsample[0], rows)
+        w, b = torch.cat([ws, wu]), torch.cat([bs_, bu])
+        n = ws.shape[0]
+        cv = self.conv(m.conv)
+        s1, s2 = m.leaky_relu.negative_slope, m.leaky_relu2.negative_slope
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            h = F.linear(x, w, b)
+            main = F.leaky_relu_(_pixel_shuffle_nhwc(h[..., :n], r), s1)
+            skip = _pixel_shuffle_nhwc(h[..., n:], r)
+            return F.leaky_relu_(cv(main), s2).add_(skip)
+        return f
+
+    def module(self, m: nn.Module) -> Fn:
+        if isinstance(m, nn.Sequential):
+            items = list(m)
+            fns: list[Fn] = []
+            i = 0
+            while i < len(items):
+                c = items[i]
+                nxt = items[i + 1] if i + 1 < len(items) else None
+                if isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1) and c.groups == 1 \
+                        and isinstance(nxt, nn.PixelShuffle):
+                    r = nxt.upscale_factor
+                    w, b = self.lin_params(c, _ps_rows(r, c.out_channels // (r * r)))
+                    fns.append(lambda x, w=w, b=b, r=r: _pixel_shuffle_nhwc(F.linear(x, w, b), r))
+                    i += 2
+                    continue
+                fns.append(self.module(c))
+                i += 1
+
+            def seq(x: torch.Tensor) -> torch.Tensor:
+                for f in fns:
+                    x = f(x)
+                return x
+            return seq
+        if isinstance(m, (DepthConvBlock, PriorDepthConvBlock, PriorDepthConvBlockUpsample)):
+            return self.module(m.block)
+        if isinstance(m, DepthConv):
+            return self.depth_conv(m)
+        if isinstance(m, PriorDepthConv):
+            return self.prior_depth_conv(m)
+        if isinstance(m, ConvFFN):
+            return self.ffn([m.conv[0], m.conv[2]], None)
+        if isinstance(m, PriorConvFFN):
+            if m.conv[1].negative_slope != m.conv[3].negative_slope:
+                raise NotImplementedError("prior FFN with two different slopes")
+            return self.ffn([m.conv[0], m.conv[2]], m.conv[1].negative_slope)
+        if isinstance(m, ResidualBlockWithStride):
+            return self.stride_block(m)
+        if isinstance(m, ResidualBlockUpsample):
+            return self.upsample_block(m)
+        if isinstance(m, nn.Conv2d):
+            if m.kernel_size == (1, 1) and m.groups == 1 and m.stride == (1, 1):
+                w, b = self.lin_params(m)
+                return lambda x: F.linear(x, w, b)
+            return self.conv(m)
+        if isinstance(m, nn.LeakyReLU):
+            s = m.negative_slope
+            return lambda x: F.leaky_relu(x, s)
+        if isinstance(m, nn.ReLU):
+            return torch.relu
+        raise NotImplementedError(f"no fast evaluation for {type(m).__name__}")
+
+
+class _Runner:
+    """Common part of the float-transform runners: dtype/device handling, optional CUDA-graph replay."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, cuda_graphs: bool) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _graphed(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype)
+        if key not in self._graphs:
+            static_in = self._prepare(x)
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):  # warm-up outside capture (allocator, cuDNN plans)
+                for _ in range(2):
+                    self._run(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._run(static_in)
+            self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(self._prepare(x))
+        graph.replay()
+        return static_out.clone()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._graphed(x) if self.cuda_graphs else self._run(self._prepare(x))
+        return self._finish(out).to(torch.float32)
+
+    def _finish(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
+
+class FastTransform(_Runner):
+    """Fused channels-last evaluation of an EVC float transform (``enc``, ``hyper_enc``, ``dec``, or a prior
+    network in float).
+
+    Weights are snapshotted at construction (rebuild after changing them). Input and output are NCHW tensors of
+    any float dtype; the result is float32 with channels-last strides.
+
+    Args:
+        module: the transform.
+        dtype: compute precision (float32; float16/bfloat16 for GPUs).
+        device: where to run (default: the module's device).
+        compile: wrap the evaluation in ``torch.compile`` (the first call per input shape compiles).
+        cuda_graphs: on CUDA, capture one graph per input shape and replay it.
+        band_bytes: size of the row bands of the 4x-wide FFN intermediates.
+    """
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 compile: bool = False, cuda_graphs: bool = False, band_bytes: int = _BAND_BYTES) -> None:
+        dev = torch.device(device) if device is not None else next(module.parameters()).device
+        super().__init__(dev, dtype, cuda_graphs)
+        if compile:  # one graph without Python band loops; inductor fuses the FFN epilogues itself
+            band_bytes = 1 << 62
+        self._fn = _FloatBuilder(dtype, dev, band_bytes).module(module)
+        if compile:
+            self._fn = torch.compile(self._fn, dynamic=False)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return to_nhwc(x.to(self.device, self.dtype))
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn(x)
+
+    def _finish(self, out: torch.Tensor) -> torch.Tensor:
+        return to_nchw(out)
+
+
+class EagerTransform(_Runner):
+    """The module's own eager forward on a private copy, optionally in another dtype, in channels-last memory
+    format, compiled with ``torch.compile`` or replayed from CUDA graphs (the simple alternatives to
+    :class:`FastTransform`, kept for comparison and for byte-identical streams with the reference path)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 channels_last: bool = False, compile: bool = False, cuda_graphs: bool = False) -> None:
+        dev = torch.device(device) if device is not None else next(module.parameters()).device
+        super().__init__(dev, dtype, cuda_graphs)
+        mod = copy.deepcopy(module).to(dev, dtype).eval()
+        self.channels_last = channels_last
+        if channels_last:
+            mod = mod.to(memory_format=torch.channels_last)
+        self._mod: Callable[[torch.Tensor], torch.Tensor] = torch.compile(mod, dynamic=False) if compile else mod
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, self.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mod(x)
+
+
+def tune_allocator() -> bool:
+    """Keep freed memory in the process heap (glibc: no ``mmap`` for large blocks, no trimming), so the large
+    activation tensors of consecutive layers reuse pages that are already mapped instead of page-faulting fresh
+    ones. Process-wide; meant for the command line (``evc encode/decode/bench``). Returns False where it does not
+    apply (not glibc)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    ok = mallopt(m_mmap_max, 0) == 1
+    ok = mallopt(m_trim_threshold, 1 << 30) == 1 and ok
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# exact twin, channels-last
+# ---------------------------------------------------------------------------------------------------------------
+def _a_bits(fan_in: int) -> int:
+    a = _MANT - W_BITS - max(1, math.ceil(math.log2(fan_in)))
+    if a < 8:
+        raise ValueError(f"fan-in {fan_in} too large for exact evaluation")
+    return a
+
+
+def _lrelu(x: torch.Tensor, slope: float) -> torch.Tensor:
+    return F.leaky_relu(x, slope)
+
+
+class _XLin:
+    """One or more 1x1 convolutions that read the same input, as one exact float64 GEMM on NHWC data.
+
+    The per-(sample, pixel) activation grid depends only on the input and the fan-in, so merged convolutions see
+    exactly the grid each would see alone; weight rows are quantised independently (:func:`quantize_rows`)."""
+
+    def __init__(self, convs: Sequence[nn.Conv2d], device: torch.device,
+                 rows: Sequence[torch.Tensor | None] | None = None) -> None:
+        wqs, sws, bs_ = [], [], []
+        fan_in = None
+        self.splits: list[int] = []
+        for i, conv in enumerate(convs):
+            if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1:
+                raise NotImplementedError("exact path supports only plain 1x1 convolutions here")
+            w = conv.weight.detach().to(torch.float64).flatten(1)
+            fan_in = w.shape[1] if fan_in is None else fan_in
+            if w.shape[1] != fan_in:
+                raise ValueError("merged 1x1 convolutions must share the input")
+            wq, k = quantize_rows(w)
+            b = conv.bias.detach().to(torch.float64) if conv.bias is not None else torch.zeros(w.shape[0],
+                                                                                                 dtype=torch.float64)
+            perm = rows[i] if rows is not None else None
+            if perm is not None:
+                wq, k, b = wq[perm], k[perm], b[perm]
+            wqs.append(wq)
+            sws.append(pow2(k))
+            bs_.append(b)
+            self.splits.append(w.shape[0])
+        assert fan_in is not None
+        self.a_bits = _a_bits(fan_in)
+        self.wqt = torch.cat(wqs).t().contiguous().to(device)  # (C_in, C_out_total)
+        self.scale_w = torch.cat(sws).to(device)
+        self.bias = torch.cat(bs_).to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])
+        lo, hi = torch.aminmax(xf, dim=1, keepdim=True)
+        e = _exponent(torch.maximum(hi, lo.neg())) - self.a_bits  # (P,1)
+        xq = torch.mul(xf, pow2(-e)).round_()
+        acc = torch.mm(xq, self.wqt)  # exact integer sums in float64
+        out = acc.mul_(self.scale_w).mul_(pow2(e)).add_(self.bias)
+        return out.view(*shape[:-1], out.shape[-1])
+
+    def split(self, out: torch.Tensor) -> list[torch.Tensor]:
+        """Split a merged output into the outputs of the individual convolutions (views)."""
+        return list(torch.split(out, self.splits, dim=-1))
+
+
+def _sample_exponent(x: torch.Tensor, a_bits: int) -> torch.Tensor:
+    b = x.shape[0]
+    flat = x.reshape(b, -1)
+    lo, hi = torch.aminmax(flat, dim=1)
+    return (_exponent(torch.maximum(hi, lo.neg())) - a_bits).view(b, 1, 1, 1)
+
+
+class _XDW:
+    """Exact 3x3 depthwise convolution on NHWC (per-sample activation grid, 9 multiply-adds on integers)."""
+
+    def __init__(self, conv: nn.Conv2d, device: torch.device) -> None:
+        if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.groups != conv.in_channels \
+                or conv.padding != (1, 1) or conv.in_channels != conv.out_channels:
+            raise NotImplementedError("exact path supports only stride-1 3x3 depthwise convolutions")
+        w = conv.weight.detach().to(torch.float64)[:, 0]
+        self.a_bits = _MANT - W_BITS - 4
+        wq, k = quantize_rows(w.flatten(1))
+        self.wq = wq.t().contiguous().to(device)  # (9, C)
+        self.scale_w = pow2(k).to(device)
+        self.bias = conv.bias.detach().to(torch.float64).to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        _, h, w, _ = x.shape
+        e = _sample_exponent(x, self.a_bits)
+        xp = F.pad(torch.mul(x, pow2(-e)).round_(), (0, 0, 1, 1, 1, 1))
+        acc = xp[:, 0:h, 0:w] * self.wq[0]
+        for t in range(1, 9):
+            i, j = divmod(t, 3)
+            acc.addcmul_(xp[:, i:i + h, j:j + w], self.wq[t])
+        return acc.mul_(self.scale_w).mul_(pow2(e)).add_(self.bias)
+
+
+class _XConv3:
+    """Exact dense 3x3 stride-1 convolution (padding 1) on NHWC: 9 GEMMs over shifted windows of the padded input,
+    flattened row-major, computed on a grid 2 columns wider than the output (those columns are dropped)."""
+
+    def __init__(self, conv: nn.Conv2d, device: torch.device) -> None:
+        if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.groups != 1 \
+                or conv.dilation != (1, 1):
+            raise NotImplementedError("exact path supports only stride-1 3x3 dense convolutions here")
+        w = conv.weight.detach().to(torch.float64)  # (O, C, 3, 3)
+        self.a_bits = _a_bits(w[0].numel())
+        wq, k = quantize_rows(w.flatten(1))
+        wq = wq.view_as(w)
+        self.taps = [wq[:, :, i, j].t().contiguous().to(device) for i in range(3) for j in range(3)]  # (C, O)
+        self.scale_w = pow2(k).to(device)
+        self.bias = conv.bias.detach().to(torch.float64).to(device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        e = _sample_exponent(x, self.a_bits)
+        wp = w + 2
+        xp = F.pad(torch.mul(x, pow2(-e)).round_(), (0, 0, 1, 1, 1, 2))  # (b, h+3, w+2, c)
+        flat = xp.view(b, (h + 3) * wp, c)
+        n = h * wp
+        o = self.taps[0].shape[1]
+        acc = torch.empty(b, n, o, dtype=x.dtype, device=x.device)
+        for s in range(b):
+            torch.mm(flat[s, 0:n], self.taps[0], out=acc[s])
+            for t in range(1, 9):
+                i, j = divmod(t, 3)
+                off = i * wp + j
+                acc[s].addmm_(flat[s, off:off + n], self.taps[t])
+        out = acc.view(b, h, wp, o)[:, :, :w]
+        return out.mul(self.scale_w).mul_(pow2(e)).add_(self.bias)
+
+
+class _ExactBuilder:
+    """NHWC closures mirroring :func:`evc.exact._compile` operation for operation."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.dev = device
+
+    def module(self, m: nn.Module) -> Fn:
+        if isinstance(m, nn.Sequential):
+            items = list(m)
+            fns: list[Fn] = []
+            i = 0
+            while i < len(items):
+                c = items[i]
+                nxt = items[i + 1] if i + 1 < len(items) else None
+                if isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1) and isinstance(nxt, nn.PixelShuffle):
+                    r = nxt.upscale_factor
+                    lin = _XLin([c], self.dev, [_ps_rows(r, c.out_channels // (r * r))])
+                    fns.append(lambda x, lin=lin, r=r: _pixel_shuffle_nhwc(lin(x), r))
+                    i += 2
+                    continue
+                fns.append(self.module(c))
+                i += 1
+
+            def seq(x: torch.Tensor) -> torch.Tensor:
+                for f in fns:
+                    x = f(x)
+                return x
+            return seq
+        if isinstance(m, (PriorDepthConvBlock, PriorDepthConvBlockUpsample, DepthConvBlock)):
+            return self.module(m.block)
+        if isinstance(m, PriorDepthConv):
+            return self._depth_conv(m.conv1[0], m.conv1[1].negative_slope, m.depth_conv, None, m.conv2, None,
+                                    m.adaptor)
+        if isinstance(m, DepthConv):
+            return self._depth_conv(m.conv1[0], m.conv1[1].negative_slope, m.depth_conv[0],
+                                    m.depth_conv[1].negative_slope, m.conv2[0], m.conv2[1].negative_slope,
+                                    m.adaptor)
+        if isinstance(m, PriorConvFFN):
+            return self._ffn(m.conv[0], m.conv[2], m.conv[1].negative_slope, m.conv[3].negative_slope)
+        if isinstance(m, ConvFFN):
+            return self._ffn(m.conv[0], m.conv[2], None, None)
+        if isinstance(m, ResidualBlockUpsample):
+            return self._upsample(m)
+        if isinstance(m, nn.Conv2d):
+            if m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1:
+                return _XLin([m], self.dev)
+            if m.groups > 1 and m.groups == m.in_channels:
+                return _XDW(m, self.dev)
+            return _XConv3(m, self.dev)
+        if isinstance(m, nn.LeakyReLU):
+            s = m.negative_slope
+            return lambda x: _lrelu(x, s)
+        if isinstance(m, nn.ReLU):
+            return torch.relu
+        raise NotImplementedError(f"no exact evaluation for {type(m).__name__}")
+
+    def _depth_conv(self, c1: nn.Conv2d, s1: float, dwc: nn.Conv2d, sdw: float | None, c2: nn.Conv2d,
+                    s2: float | None, adaptor: nn.Module | None) -> Fn:
+        if adaptor is not None and not (isinstance(adaptor, nn.Conv2d) and adaptor.kernel_size == (1, 1)):
+            raise NotImplementedError("exact path supports only 1x1 adaptors")
+        first = _XLin([c1] if adaptor is None else [c1, adaptor], self.dev)
+        dw = _XDW(dwc, self.dev)
+        second = _XLin([c2], self.dev)
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            h = first(x)
+            if adaptor is None:
+                t, ident = h, x
+            else:
+                t, ident = first.split(h)
+            t = dw(_lrelu(t, s1))
+            if sdw is not None:
+                t = _lrelu(t, sdw)
+            t = second(t)
+            if s2 is not None:
+                t = _lrelu(t, s2)
+            return t + ident
+        return f
+
+    def _ffn(self, c1: nn.Conv2d, c2: nn.Conv2d, sa: float | None, sb: float | None) -> Fn:
+        l1, l2 = _XLin([c1], self.dev), _XLin([c2], self.dev)
+
+        def act(t: torch.Tensor, s: float | None) -> torch.Tensor:
+            return F.relu(t) if s is None else _lrelu(t, s)
+
+        return lambda x: x + act(l2(act(l1(x), sa)), sb)
+
+    def _upsample(self, m: ResidualBlockUpsample) -> Fn:
+        r = m.subpel_conv[1].upscale_factor
+        if m.upsample[1].upscale_factor != r:
+            raise NotImplementedError("upsampling factors differ")
+        rows = _ps_rows(r, m.conv.out_channels)
+        both = _XLin([m.subpel_conv[0], m.upsample[0]], self.dev, [rows, rows])
+        cv = self.module(m.conv)
+        s1, s2 = m.leaky_relu.negative_slope, m.leaky_relu2.negative_slope
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            sp, up = both.split(both(x))
+            main = _lrelu(_pixel_shuffle_nhwc(sp, r), s1)
+            return _lrelu(cv(main), s2) + _pixel_shuffle_nhwc(up, r)
+        return f
+
+
+class FastExactNet:
+    """Channels-last twin of :class:`evc.exact.ExactNet` with bit-identical float64 outputs (NCHW in and out).
+
+    Use :meth:`nhwc` to stay channels-last between networks."""
+
+    def __init__(self, module: nn.Module, device: torch.device | str | None = None) -> None:
+        dev = torch.device(device) if device is not None else next(module.parameters()).device
+        self._fn = _ExactBuilder(dev).module(module)
+
+    @torch.no_grad()
+    def nhwc(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,H,W,C) float64 -> (B,H',W',C') float64."""
+        if x.dtype != torch.float64:
+            raise TypeError("FastExactNet expects float64 input")
+        return self._fn(x.contiguous())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return to_nchw(self.nhwc(to_nhwc(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# engine
+# ---------------------------------------------------------------------------------------------------------------
+class FastEngine:
+    """The networks a codec run uses, in their fast form (see the module docstring). Interface of
+    :class:`evc.codec.ReferenceEngine`.
+
+    Args:
+        model: an EVC model in eval mode (weights are snapshotted; rebuild the engine after changing them).
+        dtype: precision of the float transforms (analysis, hyper_enc, float synthesis): ``torch.float32``
+            (default), ``float16`` or ``bfloat16``. The exact networks always run in float64 on integers.
+        impl: ``"fused"`` (:class:`FastTransform`, channels-last by construction) or ``"eager"``
+            (:class:`EagerTransform`: the model's own modules; with float32 and no other option the streams are
+            byte-identical to the reference engine's).
+        channels_last: ``impl="eager"`` only: channels-last memory format.
+        compile, cuda_graphs: see :class:`FastTransform` (float transforms only).
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32, impl: str = "fused",
+                 channels_last: bool = False, compile: bool = False, cuda_graphs: bool = False) -> None:
+        from .codec import _state_key  # local import: codec must not depend on this module
+
+        if impl not in ("fused", "eager"):
+            raise ValueError(f"impl must be 'fused' or 'eager', got {impl!r}")
+        self.model = model
+        self.key = _state_key(model)
+        self.dtype = dtype
+        self.impl = impl
+        dev = next(model.parameters()).device
+        self.device = dev
+
+        self._opts = dict(compile=compile, cuda_graphs=cuda_graphs)
+        self.channels_last = channels_last
+        self.scalable = bool(getattr(model, "scalable", False))
+        self._encs = [self.transform(e) for e in (model.encs if self.scalable else [model.enc])]
+        self._hyper_enc = self.transform(model.hyper_enc)
+        self._dec = self.transform(model.dec)
+        self.hyper_dec = FastExactNet(model.hyper_dec, dev)
+        self.fusion = FastExactNet(model.y_prior_fusion, dev)
+        self.spatial_net = FastExactNet(model.y_spatial_prior, dev)
+        self.synthesis_net = FastExactNet(model.dec, dev)
+
+    def transform(self, module: nn.Module) -> _Runner:
+        """A float runner of ``module`` with this engine's options (any EVC transform or prior network)."""
+        if self.impl == "fused":
+            return FastTransform(module, self.dtype, self.device, **self._opts)
+        return EagerTransform(module, self.dtype, self.device, channels_last=self.channels_last, **self._opts)
+
+    # -- the interface used by evc.codec -----------------------------------------------------------------------
+    def latents(self, xp: torch.Tensor, enc_id: int | None) -> torch.Tensor:
+        """Candidate latents (K,B,N,h,w) like ``ReferenceEngine.latents``."""
+        if not self.scalable:
+            return self._encs[0](xp).unsqueeze(0)
+        last = len(self._encs) - 1 if enc_id is None else int(enc_id)
+        if not 0 <= last < len(self._encs):
+            raise ValueError(f"enc_id must be in 0..{len(self._encs) - 1}, got {enc_id}")
+        outs, acc = [], None
+        for i in range(last + 1):
+            yi = self._encs[i](xp)
+            acc = yi if acc is None else acc + yi
+            outs.append(acc / (i + 1))
+        return outs[-1].unsqueeze(0) if enc_id is not None else torch.stack(outs, 0)
+
+    def hyper_enc(self, y: torch.Tensor) -> torch.Tensor:
+        """hyper_enc of y / curr_q, before rounding."""
+        return self._hyper_enc(y)
+
+    def prior(self, z_hat64: torch.Tensor) -> torch.Tensor:
+        """Exact fusion(hyper_dec(z)) in float64, NCHW (channels-last strides)."""
+        return to_nchw(self.fusion.nhwc(self.hyper_dec.nhwc(to_nhwc(z_hat64))))
+
+    def spatial(self, inp: torch.Tensor) -> torch.Tensor:
+        """Exact y_spatial_prior in float64."""
+        return self.spatial_net(inp)
+
+    def synthesis(self, y64: torch.Tensor, exact: bool) -> torch.Tensor:
+        """Image (before clamping) from the dequantised latent: exact twin, or the float transform."""
+        if exact:
+            return self.synthesis_net(y64)
+        return self._dec(y64)

@@ -1,0 +1,186 @@
+"""Fast inference paths (evc.fast) against the reference path: the exact twins are bit-identical, the float
+transforms agree within float tolerance, streams are byte-identical where guaranteed and always decode the same,
+reduced precision stays decodable; GPU variants run only where CUDA exists."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import evc
+from evc.cli import main as cli
+from evc.codec import ReferenceEngine
+from evc.exact import ExactNet
+from evc.fast import EagerTransform, FastEngine, FastExactNet, FastTransform
+from evc.metrics import psnr
+
+NO_CUDA = "no CUDA device in this environment: the GPU variant of this fast path is not exercised"
+
+
+@pytest.fixture(scope="module")
+def mini():
+    torch.manual_seed(0)
+    return evc.build_model("mini_EVC_SS").eval()
+
+
+def _image(h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 3, h, w, generator=g)
+    x = torch.nn.functional.avg_pool2d(x, 5, 1, 2, count_include_pad=False)
+    return (x - x.min()) / (x.max() - x.min())
+
+
+@pytest.mark.parametrize("name,cin_mult,down", [("hyper_dec", 1, 4), ("y_prior_fusion", 1, 1),
+                                                ("y_spatial_prior", 4, 1), ("dec", 1, 1)])
+def test_fast_exact_twin_is_bit_identical(mini, name, cin_mult, down):
+    """FastExactNet == ExactNet exactly, for a batch of 2, with 1 and 2 threads (and the batch split)."""
+    mod = getattr(mini, name)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, cin_mult * mini.N, 8 // down if down > 1 else 6, 10 // down if down > 1 else 7,
+                    generator=g, dtype=torch.float64) * 3
+    if name == "hyper_dec":
+        x = x.round()
+    ref = ExactNet(mod)(x)
+    fast = FastExactNet(mod)
+    assert torch.equal(fast(x), ref)
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(fast(x), ref)
+    finally:
+        torch.set_num_threads(1)
+    assert torch.equal(torch.cat([fast(x[:1]), fast(x[1:])]), ref)
+
+
+@pytest.mark.parametrize("name", ["enc", "hyper_enc", "dec"])
+def test_fast_transform_matches_eager(mini, name):
+    """Fused NHWC float32 transform vs the module: relative max error < 1e-5 (float32 noise)."""
+    mod = getattr(mini, name)
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(1, 3, 64, 128, generator=g) if name == "enc" else torch.randn(1, mini.N, 4, 8, generator=g)
+    with torch.no_grad():
+        ref = mod(x)
+        out = FastTransform(mod, band_bytes=4096)(x)  # small bands: exercise the banded FFN
+        eager_cl = EagerTransform(mod, channels_last=True)(x)
+    scale = ref.abs().max()
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    assert (out - ref).abs().max() <= 1e-5 * scale
+    assert (eager_cl - ref).abs().max() <= 1e-5 * scale
+
+
+def _symbols(model, x, rate, engine):
+    return evc.reconstruct(model, x, rate, engine=engine)["y_hat"]
+
+
+def test_codec_fast_engine_streams_and_decoding(mini):
+    """Decoding: every engine decodes every stream to the same image (exact synthesis). Encoding: the eager fast
+    engine writes byte-identical streams; the fused one differs from the reference at most by float-noise rounding
+    flips (none on this input), and its own encoder, reconstruct and decoder agree exactly."""
+    x = _image(70, 45 * 2)
+    rate = evc.select_rate(mini, q=0.4)
+    ref = ReferenceEngine(mini)
+    fused = FastEngine(mini)
+    eager = FastEngine(mini, impl="eager")
+    s_ref = evc.compress(mini, x, rate).data
+    s_fused = evc.compress(mini, x, rate, engine=fused).data
+    assert evc.compress(mini, x, rate, engine=eager).data == s_ref
+    assert s_fused == s_ref  # holds here; in general only up to rare rounding flips (see evc.fast)
+    for s in (s_ref, s_fused):
+        d_ref = evc.decompress(mini, s, engine=ref)
+        d_fast = evc.decompress(mini, s, engine=fused)
+        assert torch.equal(d_ref.x_hat, d_fast.x_hat) and torch.equal(d_ref.y_hat, d_fast.y_hat)
+    rec = evc.reconstruct(mini, x, rate, engine=fused)
+    assert torch.equal(rec["x_hat"], evc.decompress(mini, s_fused, engine=fused).x_hat)
+    y_ref = _symbols(mini, x, rate, ref)
+    assert (y_ref != rec["y_hat"]).float().mean() <= 1e-3
+    # float synthesis: within float noise of the exact one
+    d_float = evc.decompress(mini, s_fused, exact_synthesis=False, engine=fused).x_hat
+    assert (d_float - d_ref.x_hat).abs().max() < 1e-4
+
+
+def test_reduced_precision_stays_decodable(mini):
+    """bf16 float transforms (the CPU-testable stand-in for the GPU fp16/bf16 path): the stream decodes with the
+    float32 reference engine to what the bf16 engine's own decoder produces (the entropy parameters are exact in
+    every engine), and the bf16 float synthesis is close to the float32 one."""
+    x = _image(64, 64, seed=3)
+    rate = evc.select_rate(mini, rate_index=2)
+    bf = FastEngine(mini, dtype=torch.bfloat16)
+    s = evc.compress(mini, x, rate, engine=bf).data
+    d_ref = evc.decompress(mini, s).x_hat
+    assert torch.equal(evc.decompress(mini, s, engine=bf).x_hat, d_ref)
+    y64 = evc.decompress(mini, s).y_hat
+    curr_q = torch.clamp_min(mini.q_basic.detach().double(), 0.5) * rate.q_scale
+    x32 = FastEngine(mini).synthesis(y64 * curr_q, exact=False).clamp(0, 1)
+    xbf = bf.synthesis(y64 * curr_q, exact=False).clamp(0, 1)
+    assert psnr(xbf, x32) > 35.0  # bf16 has 8 mantissa bits; the difference is far below coding noise
+
+
+def test_engine_rejects_changed_weights(mini):
+    m = evc.build_model("mini_EVC_SS").eval()
+    eng = FastEngine(m)
+    with torch.no_grad():
+        m.dec[0].block[0].conv1[0].bias.add_(1.0)
+    with pytest.raises(ValueError, match="rebuild"):
+        evc.compress(m, _image(64, 64), evc.select_rate(m), engine=eng)
+    with pytest.raises(ValueError, match="rebuild"):
+        evc.compress(mini, _image(64, 64), evc.select_rate(mini), engine=eng)
+
+
+def test_scalable_fast_engine_roundtrip():
+    torch.manual_seed(0)
+    m = evc.build_model("mini_Scale_EVC_SS").eval()
+    x = _image(64, 64, seed=4)
+    rate = evc.select_rate(m, rate_index=1)
+    eng = FastEngine(m)
+    res = evc.compress(m, x, rate, engine=eng)
+    assert torch.equal(evc.decompress(m, res.data).x_hat, evc.reconstruct(m, x, rate, engine=eng)["x_hat"])
+
+
+def test_cli_fast_and_reference_decode_identically(tmp_path, mini):
+    p = tmp_path / "m.pt"
+    evc.save_model(mini, p)
+    img = tmp_path / "in.png"
+    evc.save_image(img, _image(48, 80, seed=5))
+    s1, s2 = tmp_path / "a.evc", tmp_path / "b.evc"
+    assert cli(["encode", str(img), str(s1), "--model", str(p), "--q", "0.5"]) == 0
+    assert cli(["encode", str(img), str(s2), "--model", str(p), "--q", "0.5", "--reference"]) == 0
+    assert s1.read_bytes() == s2.read_bytes()
+    o1, o2 = tmp_path / "a.png", tmp_path / "b.png"
+    assert cli(["decode", str(s1), str(o1), "--model", str(p)]) == 0
+    assert cli(["decode", str(s1), str(o2), "--model", str(p), "--reference"]) == 0
+    assert o1.read_bytes() == o2.read_bytes()
+
+
+def test_bench_fast_cli(tmp_path, capsys):
+    j = tmp_path / "b.json"
+    assert cli(["bench", "--arch", "mini_EVC_SS", "--size", "64x64", "--runs", "1", "--warmup", "0",
+                "--stages", "forward,encode,decode", "--threads", "1", "--json", str(j)]) == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and "streams identical: yes" in out
+    d = json.loads(j.read_text())
+    assert set(d["results"]) == {"reference", "fast"}
+    for k in ("forward", "encode", "decode", "codec_networks", "enc_entropy_coding"):
+        assert d["results"]["fast"][k]["median_s"] > 0 and k in d["speedup"]
+    assert d["streams_identical"] and d["cross_decode_identical"]
+    assert len(d["machine"]["loadavg_before"]) == 3
+    assert cli(["bench", "--arch", "mini_EVC_SS", "--size", "64x64", "--stages", "nope"]) == 1
+    assert "unknown stage" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_reduced_precision_and_graphs(mini, dtype):
+    """GPU: fp16/bf16 + CUDA graphs. The entropy parameters are exact on the GPU too, so a GPU stream decodes on the
+    CPU reference engine to the same image as on the GPU (exact synthesis), and the float synthesis is close."""
+    m = evc.build_model("mini_EVC_SS").eval()
+    m.load_state_dict(mini.state_dict())
+    mc = m.to("cuda")
+    x = _image(64, 128, seed=6)
+    rate = evc.select_rate(mc, rate_index=3)
+    eng = FastEngine(mc, dtype=dtype, cuda_graphs=True)
+    s = evc.compress(mc, x.cuda(), rate, engine=eng).data
+    gpu = evc.decompress(mc, s, engine=eng).x_hat.cpu()
+    cpu = evc.decompress(mini, s).x_hat
+    assert torch.equal(gpu, cpu)
+    x_float = evc.decompress(mc, s, exact_synthesis=False, engine=eng).x_hat.cpu()
+    assert psnr(x_float, cpu) > 35.0
