@@ -177,11 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print the header of a .evc file")
     p.add_argument("input")
 
-    from evc import bench, decay, train  # these commands live in their own modules
+    from evc import bench, decay, rrl, train  # these commands live in their own modules
 
     bench.add_parser(sub)
     train.add_parser(sub)
     decay.add_parser(sub)
+    rrl.add_parser(sub)
     return ap
 
 
@@ -432,7 +433,8 @@ _PARSER: argparse.ArgumentParser | None = None
 
 COMMANDS = {"encode": cmd_encode, "decode": cmd_decode, "eval": cmd_eval, "bdrate": cmd_bdrate,
             "plot": cmd_plot, "bench": lambda a: a.handler(a), "info": cmd_info,
-            "train": lambda a: a.handler(a), "decay": lambda a: a.handler(a)}  # handlers set by their modules
+            "train": lambda a: a.handler(a), "decay": lambda a: a.handler(a),
+            "rrl": lambda a: a.handler(a)}  # handlers set by their modules
 
 
 def main(argv: Sequence[str] | None = None) -> int:
