@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo evc-demo clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/quickstart/demo.py --data ../shared/data/cifar10 --out runs/demo
+
+# EVC end to end at a tiny scale: train -> decay to EVC_SS -> RRL -> Kodak real bitstreams -> RD plot, BD-rates
+evc-demo: $(STAMP)
+	$(BIN)/python -m evc.demo --out runs/evc_demo
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
