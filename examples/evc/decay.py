@@ -122,6 +122,12 @@ class DistillObjective(RDObjective):
             codec.enc.register_forward_hook(lambda m, i, o: self._y.__setitem__("s", o))
             teacher.enc.register_forward_hook(lambda m, i, o: self._y.__setitem__("t", o))
 
+    def train(self, mode: bool = True) -> "DistillObjective":
+        """Train mode for the student only; the frozen teacher stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
     def forward(self, x: torch.Tensor, rate: int) -> dict[str, torch.Tensor]:
         out = self.rd_terms(x, rate)
         if not (self.w_out or self.w_lat):
