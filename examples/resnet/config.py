@@ -1,0 +1,250 @@
+"""YAML configs of the ResNet example, validated into dataclasses with clear errors.
+
+A config has five sections (every key optional, defaults below)::
+
+    name: demo                     # run name; outputs go to out/ (default runs/resnet/<name>)
+    seed: 0
+    device: cpu                    # where training runs (cuda for the GPU recipe); latency is always timed on CPU
+    threads: null                  # torch CPU threads (null: torch's default)
+    data:    {path: ../shared/data/cifar10, train: null, test: null, train_subset: null, test_subset: null,
+              cache: true}
+    model:   {arch: resnet20}
+    teacher: {epochs: 30, batch_size: 128, lr: 0.1, momentum: 0.9, weight_decay: 5.0e-4, warmup_epochs: 1.0,
+              checkpoint: null}
+    prune:   {budgets: [0.5], methods: [sparsity, l1, l2, tp_l1], decay_steps: 1000, finetune_steps: 1000, ...}
+    report:  {latency_batch: 64, latency_rounds: 5, latency_runs: 5}
+
+Unknown keys, wrong types and bad values raise :class:`ConfigError` naming the key (with a "did you mean" hint).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MASK_METHODS: dict[str, str] = {
+    "sparsity": "sparsity", "l1": "l1", "l2": "l2", "bn_l1": "bn", "group_lasso": "group_lasso", "hard": "hard"}
+"""Mask-decay methods of the example -> maskdecay regularizer names."""
+TP_METHODS: tuple[str, ...] = ("tp_l1", "tp_groupnorm")
+"""Torch-Pruning baselines: MagnitudePruner (group L1, one-shot) and GroupNormPruner (group sparsity)."""
+METHODS: tuple[str, ...] = (*MASK_METHODS, *TP_METHODS)
+
+
+class ConfigError(ValueError):
+    """A config file that does not validate."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = "../shared/data/cifar10"
+    train: str | None = None
+    test: str | None = None
+    train_subset: int | None = None
+    test_subset: int | None = None
+    cache: bool = True
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet20"
+
+
+@dataclass
+class TeacherConfig:
+    epochs: float = 30.0
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    checkpoint: str | None = None
+
+
+@dataclass
+class PruneConfig:
+    budgets: list[float] = field(default_factory=lambda: [0.5])
+    methods: list[str] = field(default_factory=lambda: ["sparsity", "l1", "l2", "tp_l1"])
+    decay_steps: int = 1000
+    finetune_steps: int = 1000
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    importance: str = "l1"
+    strengths: dict[str, float] = field(default_factory=dict)
+    tp_groupnorm_reg: float = 5e-4
+    tp_iterative_steps: int = 400
+
+
+@dataclass
+class ReportConfig:
+    latency_batch: int = 64
+    latency_rounds: int = 5
+    latency_runs: int = 5
+
+
+@dataclass
+class Config:
+    name: str = "resnet"
+    out: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    @property
+    def out_dir(self) -> Path:
+        """The run folder."""
+        return Path(self.out) if self.out else Path("runs/resnet") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-able form."""
+        return dataclasses.asdict(self)
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {_check_type(k, kt, f"{where} key"): _check_type(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool) and type(value) is tp:
+        return value
+    name = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    raise ConfigError(f"{where}: expected {name}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key {path!r}{hint}")
+        kwargs[key] = _check_type(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    p, t = cfg.prune, cfg.teacher
+    bad = [m for m in p.methods if m not in METHODS]
+    if bad:
+        raise ConfigError(f"prune.methods: unknown method {bad[0]!r}; use any of {', '.join(METHODS)}")
+    if not p.methods:
+        raise ConfigError("prune.methods: give at least one method")
+    if len(set(p.methods)) != len(p.methods):
+        raise ConfigError("prune.methods: a method is listed twice")
+    if not p.budgets or any(not 0 < b < 1 for b in p.budgets):
+        raise ConfigError(f"prune.budgets: MAC fractions strictly between 0 and 1, got {p.budgets}")
+    for k in p.strengths:
+        if k not in MASK_METHODS or k == "hard":
+            raise ConfigError(f"prune.strengths: {k!r} is not a mask-decay method with a strength "
+                              f"({', '.join(m for m in MASK_METHODS if m != 'hard')})")
+        if p.strengths[k] < 0:
+            raise ConfigError(f"prune.strengths.{k}: must be >= 0")
+    for name in ("train_subset", "test_subset"):
+        n = getattr(cfg.data, name)
+        if n is not None and n < 1:
+            raise ConfigError(f"data.{name}: a positive number of images (or null for all), got {n}")
+    checks = [("prune.decay_steps", p.decay_steps >= 1), ("prune.finetune_steps", p.finetune_steps >= 0),
+              ("prune.batch_size", p.batch_size >= 1), ("prune.lr", p.lr > 0), ("teacher.epochs", t.epochs >= 0),
+              ("teacher.batch_size", t.batch_size >= 1), ("teacher.lr", t.lr > 0),
+              ("teacher.warmup_epochs", 0 <= t.warmup_epochs), ("prune.tp_iterative_steps", p.tp_iterative_steps >= 10),
+              ("report.latency_batch", cfg.report.latency_batch >= 1),
+              ("report.latency_rounds", cfg.report.latency_rounds >= 1),
+              ("report.latency_runs", cfg.report.latency_runs >= 1)]
+    for name, ok in checks:
+        if not ok:
+            raise ConfigError(f"{name}: value out of range")
+    if p.schedule not in ("linear", "cosine", "exp", "step"):
+        raise ConfigError(f"prune.schedule: use linear, cosine, exp or step, got {p.schedule!r}")
+    if p.importance not in ("l1", "l2", "bn", "taylor"):
+        raise ConfigError(f"prune.importance: use l1, l2, bn or taylor, got {p.importance!r}")
+    if not (cfg.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", cfg.device)):
+        raise ConfigError(f"device: use cpu or cuda[:N], got {cfg.device!r}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads: a positive number (or null), got {cfg.threads}")
+    from .models import build
+    try:
+        build(cfg.model.arch)
+    except ValueError as e:
+        raise ConfigError(f"model.arch: {e}") from None
+
+
+def _set(raw: dict[str, Any], dotted: str) -> None:
+    key, sep, text = dotted.partition("=")
+    if not sep:
+        raise ConfigError(f"--set expects KEY=VALUE (e.g. prune.decay_steps=500), got {dotted!r}")
+    *parents, last = key.split(".")
+    node = raw
+    for p in parents:
+        if node.get(p) is None:
+            node[p] = {}
+        node = node[p]
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {p!r} is not a section")
+    node[last] = yaml.safe_load(text)
+
+
+def from_dict(raw: dict[str, Any] | None, overrides: list[str] = ()) -> Config:
+    """Validate a raw mapping (plus ``--set KEY=VALUE`` overrides) into a :class:`Config`."""
+    raw = dict(raw or {})
+    for o in overrides:
+        _set(raw, o)
+    cfg = _build(Config, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read and validate a YAML config file; errors are prefixed with the file name."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return from_dict(raw, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
