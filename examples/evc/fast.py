@@ -63,8 +63,11 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, 
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
-#: target size in bytes of one row band of a 4x-wide FFN intermediate (fits the L2/L3 of common CPUs)
+#: target size in bytes of one row band of a 4x-wide FFN intermediate (float path; fits a 1 MiB L2)
 _BAND_BYTES = 1 << 20
+#: band size of the exact (float64) path: larger, because float64 GEMMs with small bands lose more than the
+#: cache gains (measured on the 2-core AMD EPYC of this project: 4 MiB beat 1 MiB and no banding)
+_EXACT_BAND_BYTES = 1 << 22
 
 
 def to_nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -399,15 +402,22 @@ def _a_bits(fan_in: int) -> int:
     return a
 
 
-def _lrelu(x: torch.Tensor, slope: float) -> torch.Tensor:
-    return F.leaky_relu(x, slope)
+def _lrelu_(x: torch.Tensor, slope: float | None) -> torch.Tensor:
+    """In-place LeakyReLU (slope None: ReLU): one correctly rounded multiply, as in ExactNet."""
+    return torch.relu_(x) if slope is None else F.leaky_relu_(x, slope)
+
+
+def _band(total: int, per_item_bytes: int, band_bytes: int) -> int:
+    """Items per band so that one band of the largest intermediate is about ``band_bytes``."""
+    return max(1, min(total, band_bytes // max(1, per_item_bytes)))
 
 
 class _XLin:
     """One or more 1x1 convolutions that read the same input, as one exact float64 GEMM on NHWC data.
 
     The per-(sample, pixel) activation grid depends only on the input and the fan-in, so merged convolutions see
-    exactly the grid each would see alone; weight rows are quantised independently (:func:`quantize_rows`)."""
+    exactly the grid each would see alone; weight rows are quantised independently (:func:`quantize_rows`), and
+    evaluating any subset of pixels (a band) gives the same numbers for those pixels."""
 
     def __init__(self, convs: Sequence[nn.Conv2d], device: torch.device,
                  rows: Sequence[torch.Tensor | None] | None = None) -> None:
@@ -432,35 +442,54 @@ class _XLin:
             bs_.append(b)
             self.splits.append(w.shape[0])
         assert fan_in is not None
+        self.fan_in = fan_in
         self.a_bits = _a_bits(fan_in)
         self.wqt = torch.cat(wqs).t().contiguous().to(device)  # (C_in, C_out_total)
         self.scale_w = torch.cat(sws).to(device)
         self.bias = torch.cat(bs_).to(device)
+        self.out_channels = self.wqt.shape[1]
+
+    def rows(self, xf: torch.Tensor) -> torch.Tensor:
+        """(P, C_in) -> (P, C_out): the exact evaluation, pixel by pixel."""
+        # amax and amin separately: faster than aminmax over a short contiguous dim; max is exact either way
+        e = _exponent(torch.maximum(xf.amax(1, keepdim=True), xf.amin(1, keepdim=True).neg_())) - self.a_bits
+        xq = torch.mul(xf, pow2(-e)).round_()
+        acc = torch.mm(xq, self.wqt)  # exact integer sums in float64
+        return acc.mul_(self.scale_w).mul_(pow2(e)).add_(self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        xf = x.reshape(-1, shape[-1])
-        lo, hi = torch.aminmax(xf, dim=1, keepdim=True)
-        e = _exponent(torch.maximum(hi, lo.neg())) - self.a_bits  # (P,1)
-        xq = torch.mul(xf, pow2(-e)).round_()
-        acc = torch.mm(xq, self.wqt)  # exact integer sums in float64
-        out = acc.mul_(self.scale_w).mul_(pow2(e)).add_(self.bias)
-        return out.view(*shape[:-1], out.shape[-1])
+        return self.rows(x.reshape(-1, shape[-1])).view(*shape[:-1], self.out_channels)
 
     def split(self, out: torch.Tensor) -> list[torch.Tensor]:
         """Split a merged output into the outputs of the individual convolutions (views)."""
         return list(torch.split(out, self.splits, dim=-1))
 
 
+def _pixels_banded(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out_channels: int,
+                   per_pixel_bytes: int, band_bytes: int) -> torch.Tensor:
+    """Apply a per-pixel function to (..., C) data in bands of pixels (exact: every pixel is independent)."""
+    shape = x.shape
+    xf = x.reshape(-1, shape[-1])
+    n = xf.shape[0]
+    step = _band(n, per_pixel_bytes, band_bytes)
+    if step >= n:
+        return fn(xf).view(*shape[:-1], out_channels)
+    out = torch.empty(n, out_channels, dtype=x.dtype, device=x.device)
+    for s in range(0, n, step):
+        out[s:s + step] = fn(xf[s:s + step])
+    return out.view(*shape[:-1], out_channels)
+
+
 def _sample_exponent(x: torch.Tensor, a_bits: int) -> torch.Tensor:
     b = x.shape[0]
     flat = x.reshape(b, -1)
-    lo, hi = torch.aminmax(flat, dim=1)
-    return (_exponent(torch.maximum(hi, lo.neg())) - a_bits).view(b, 1, 1, 1)
+    return (_exponent(torch.maximum(flat.amax(1), flat.amin(1).neg_())) - a_bits).view(b, 1, 1, 1)
 
 
 class _XDW:
-    """Exact 3x3 depthwise convolution on NHWC (per-sample activation grid, 9 multiply-adds on integers)."""
+    """Exact 3x3 depthwise convolution on NHWC: per-sample activation grid, 9 multiply-adds on integers (taps that
+    fall on the zero padding are skipped, which only drops exact zeros), evaluated in bands of rows."""
 
     def __init__(self, conv: nn.Conv2d, device: torch.device) -> None:
         if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.groups != conv.in_channels \
@@ -473,22 +502,35 @@ class _XDW:
         self.scale_w = pow2(k).to(device)
         self.bias = conv.bias.detach().to(torch.float64).to(device)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        _, h, w, _ = x.shape
+    def prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantise the whole input once (the grid is per sample): integers and exponents."""
         e = _sample_exponent(x, self.a_bits)
-        xp = F.pad(torch.mul(x, pow2(-e)).round_(), (0, 0, 1, 1, 1, 1))
-        acc = xp[:, 0:h, 0:w] * self.wq[0]
-        for t in range(1, 9):
-            i, j = divmod(t, 3)
-            acc.addcmul_(xp[:, i:i + h, j:j + w], self.wq[t])
+        return torch.mul(x, pow2(-e)).round_(), e
+
+    def rows(self, xq: torch.Tensor, e: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Output rows [r0, r1) of the convolution of the prepared input."""
+        _, h, w, _ = xq.shape
+        acc = xq[:, r0:r1] * self.wq[4]
+        for t in (0, 1, 2, 3, 5, 6, 7, 8):
+            di, dj = t // 3 - 1, t % 3 - 1
+            o0, o1 = max(r0, -di), min(r1, h - di)  # output rows whose input row r+di exists
+            c0, c1 = max(0, -dj), min(w, w - dj)
+            if o0 >= o1:
+                continue
+            acc[:, o0 - r0:o1 - r0, c0:c1].addcmul_(xq[:, o0 + di:o1 + di, c0 + dj:c1 + dj], self.wq[t])
         return acc.mul_(self.scale_w).mul_(pow2(e)).add_(self.bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xq, e = self.prepare(x)
+        return self.rows(xq, e, 0, x.shape[1])
 
 
 class _XConv3:
     """Exact dense 3x3 stride-1 convolution (padding 1) on NHWC: 9 GEMMs over shifted windows of the padded input,
-    flattened row-major, computed on a grid 2 columns wider than the output (those columns are dropped)."""
+    flattened row-major and computed on a grid 2 columns wider than the output (those columns are dropped), in
+    bands of rows so the accumulator stays in cache."""
 
-    def __init__(self, conv: nn.Conv2d, device: torch.device) -> None:
+    def __init__(self, conv: nn.Conv2d, device: torch.device, band_bytes: int) -> None:
         if conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1) or conv.groups != 1 \
                 or conv.dilation != (1, 1):
             raise NotImplementedError("exact path supports only stride-1 3x3 dense convolutions here")
@@ -499,31 +541,36 @@ class _XConv3:
         self.taps = [wq[:, :, i, j].t().contiguous().to(device) for i in range(3) for j in range(3)]  # (C, O)
         self.scale_w = pow2(k).to(device)
         self.bias = conv.bias.detach().to(torch.float64).to(device)
+        self.band_bytes = band_bytes
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
+        o = self.taps[0].shape[1]
         e = _sample_exponent(x, self.a_bits)
         wp = w + 2
         xp = F.pad(torch.mul(x, pow2(-e)).round_(), (0, 0, 1, 1, 1, 2))  # (b, h+3, w+2, c)
         flat = xp.view(b, (h + 3) * wp, c)
-        n = h * wp
-        o = self.taps[0].shape[1]
-        acc = torch.empty(b, n, o, dtype=x.dtype, device=x.device)
+        out = torch.empty(b, h, w, o, dtype=x.dtype, device=x.device)
+        rows = _band(h, wp * (o + c) * x.element_size(), self.band_bytes)
         for s in range(b):
-            torch.mm(flat[s, 0:n], self.taps[0], out=acc[s])
-            for t in range(1, 9):
-                i, j = divmod(t, 3)
-                off = i * wp + j
-                acc[s].addmm_(flat[s, off:off + n], self.taps[t])
-        out = acc.view(b, h, wp, o)[:, :, :w]
-        return out.mul(self.scale_w).mul_(pow2(e)).add_(self.bias)
+            for r0 in range(0, h, rows):
+                r1 = min(h, r0 + rows)
+                n0, n = r0 * wp, (r1 - r0) * wp
+                acc = torch.mm(flat[s, n0:n0 + n], self.taps[0])
+                for t in range(1, 9):
+                    off = n0 + (t // 3) * wp + t % 3
+                    acc.addmm_(flat[s, off:off + n], self.taps[t])
+                out[s, r0:r1] = acc.view(r1 - r0, wp, o)[:, :w]
+        return out.mul_(self.scale_w).mul_(pow2(e)).add_(self.bias)
 
 
 class _ExactBuilder:
-    """NHWC closures mirroring :func:`evc.exact._compile` operation for operation."""
+    """NHWC closures mirroring :func:`evc.exact._compile` operation for operation (every rounding elementwise
+    operation in the same order on the same operands; in-place where the operand is a fresh temporary)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, band_bytes: int) -> None:
         self.dev = device
+        self.band_bytes = band_bytes
 
     def module(self, m: nn.Module) -> Fn:
         if isinstance(m, nn.Sequential):
@@ -536,7 +583,7 @@ class _ExactBuilder:
                 if isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1) and isinstance(nxt, nn.PixelShuffle):
                     r = nxt.upscale_factor
                     lin = _XLin([c], self.dev, [_ps_rows(r, c.out_channels // (r * r))])
-                    fns.append(lambda x, lin=lin, r=r: _pixel_shuffle_nhwc(lin(x), r))
+                    fns.append(lambda x, lin=lin, r=r: _pixel_shuffle_nhwc(self._lin(lin, x), r))
                     i += 2
                     continue
                 fns.append(self.module(c))
@@ -564,49 +611,66 @@ class _ExactBuilder:
             return self._upsample(m)
         if isinstance(m, nn.Conv2d):
             if m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1:
-                return _XLin([m], self.dev)
+                lin = _XLin([m], self.dev)
+                return lambda x: self._lin(lin, x)
             if m.groups > 1 and m.groups == m.in_channels:
                 return _XDW(m, self.dev)
-            return _XConv3(m, self.dev)
+            return _XConv3(m, self.dev, self.band_bytes)
         if isinstance(m, nn.LeakyReLU):
             s = m.negative_slope
-            return lambda x: _lrelu(x, s)
+            return lambda x: F.leaky_relu(x, s)
         if isinstance(m, nn.ReLU):
             return torch.relu
         raise NotImplementedError(f"no exact evaluation for {type(m).__name__}")
 
+    def _lin(self, lin: _XLin, x: torch.Tensor) -> torch.Tensor:
+        return _pixels_banded(lin.rows, x, lin.out_channels, (lin.fan_in + lin.out_channels) * 8, self.band_bytes)
+
     def _depth_conv(self, c1: nn.Conv2d, s1: float, dwc: nn.Conv2d, sdw: float | None, c2: nn.Conv2d,
                     s2: float | None, adaptor: nn.Module | None) -> Fn:
+        """ExactNet: ``c2(dw(lrelu(c1(x))))`` (+ the activations of the transform flavour) ``+ identity``.
+        Bands: the first GEMM by pixels; the depthwise conv needs the whole input for its per-sample grid, then
+        dw, activations, the second GEMM and the residual add run in bands of rows."""
         if adaptor is not None and not (isinstance(adaptor, nn.Conv2d) and adaptor.kernel_size == (1, 1)):
             raise NotImplementedError("exact path supports only 1x1 adaptors")
         first = _XLin([c1] if adaptor is None else [c1, adaptor], self.dev)
         dw = _XDW(dwc, self.dev)
         second = _XLin([c2], self.dev)
+        c_mid = c1.out_channels
+        band_bytes = self.band_bytes
 
         def f(x: torch.Tensor) -> torch.Tensor:
-            h = first(x)
-            if adaptor is None:
-                t, ident = h, x
-            else:
-                t, ident = first.split(h)
-            t = dw(_lrelu(t, s1))
-            if sdw is not None:
-                t = _lrelu(t, sdw)
-            t = second(t)
-            if s2 is not None:
-                t = _lrelu(t, s2)
-            return t + ident
+            h = self._lin(first, x)
+            t, ident = (h, x) if adaptor is None else first.split(h)
+            t = _lrelu_(t, s1)
+            xq, e = dw.prepare(t)
+            bsz, hh, ww, _ = t.shape
+            out = torch.empty(bsz, hh, ww, second.out_channels, dtype=x.dtype, device=x.device)
+            rows = _band(hh, bsz * ww * (c_mid + second.out_channels) * 8, band_bytes)
+            for r0 in range(0, hh, rows):
+                r1 = min(hh, r0 + rows)
+                u = dw.rows(xq, e, r0, r1)
+                if sdw is not None:
+                    u = _lrelu_(u, sdw)
+                v = second(u)
+                if s2 is not None:
+                    v = _lrelu_(v, s2)
+                out[:, r0:r1] = v.add_(ident[:, r0:r1])
+            return out
         return f
 
     def _ffn(self, c1: nn.Conv2d, c2: nn.Conv2d, sa: float | None, sb: float | None) -> Fn:
+        """ExactNet: ``x + act(l2(act(l1(x))))``, in bands of pixels."""
         l1, l2 = _XLin([c1], self.dev), _XLin([c2], self.dev)
 
-        def act(t: torch.Tensor, s: float | None) -> torch.Tensor:
-            return F.relu(t) if s is None else _lrelu(t, s)
+        def rows(xf: torch.Tensor) -> torch.Tensor:
+            return _lrelu_(l2.rows(_lrelu_(l1.rows(xf), sa)), sb).add_(xf)
 
-        return lambda x: x + act(l2(act(l1(x), sa)), sb)
+        per_px = (l1.fan_in + 2 * l1.out_channels + l2.out_channels) * 8
+        return lambda x: _pixels_banded(rows, x, l2.out_channels, per_px, self.band_bytes)
 
     def _upsample(self, m: ResidualBlockUpsample) -> Fn:
+        """ExactNet: ``lrelu(cv(lrelu(ps(sp(x)), s1)), s2) + ps(up(x))``; sp and up share one GEMM."""
         r = m.subpel_conv[1].upscale_factor
         if m.upsample[1].upscale_factor != r:
             raise NotImplementedError("upsampling factors differ")
@@ -616,9 +680,9 @@ class _ExactBuilder:
         s1, s2 = m.leaky_relu.negative_slope, m.leaky_relu2.negative_slope
 
         def f(x: torch.Tensor) -> torch.Tensor:
-            sp, up = both.split(both(x))
-            main = _lrelu(_pixel_shuffle_nhwc(sp, r), s1)
-            return _lrelu(cv(main), s2) + _pixel_shuffle_nhwc(up, r)
+            sp, up = both.split(self._lin(both, x))
+            main = _lrelu_(_pixel_shuffle_nhwc(sp, r), s1)
+            return _lrelu_(cv(main), s2).add_(_pixel_shuffle_nhwc(up, r))
         return f
 
 
@@ -627,9 +691,10 @@ class FastExactNet:
 
     Use :meth:`nhwc` to stay channels-last between networks."""
 
-    def __init__(self, module: nn.Module, device: torch.device | str | None = None) -> None:
+    def __init__(self, module: nn.Module, device: torch.device | str | None = None,
+                 band_bytes: int = _EXACT_BAND_BYTES) -> None:
         dev = torch.device(device) if device is not None else next(module.parameters()).device
-        self._fn = _ExactBuilder(dev).module(module)
+        self._fn = _ExactBuilder(dev, band_bytes).module(module)
 
     @torch.no_grad()
     def nhwc(self, x: torch.Tensor) -> torch.Tensor:
