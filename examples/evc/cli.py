@@ -205,10 +205,21 @@ def _engine(args: argparse.Namespace, model: Any) -> Any:
         if args.dtype != "fp32":
             raise CLIError("--dtype applies to the fast path, not to --reference")
         return None
+    from evc.codec import _state_key
     from evc.fast import DTYPES, FastEngine, tune_allocator
 
     tune_allocator()
-    return FastEngine(model, dtype=DTYPES[args.dtype])
+    key = (id(model), args.dtype)
+    eng = _ENGINE_CACHE.get(key)
+    if eng is None or eng.model is not model or eng.key != _state_key(model):
+        if len(_ENGINE_CACHE) >= 2:
+            _ENGINE_CACHE.pop(next(iter(_ENGINE_CACHE)))
+        eng = _ENGINE_CACHE[key] = FastEngine(model, dtype=DTYPES[args.dtype])
+    return eng
+
+
+#: in-process cache of fast engines (building one quantises all exact weights; matters for repeated main() calls)
+_ENGINE_CACHE: dict[tuple, Any] = {}
 
 
 def _read_bytes(path: str) -> bytes:
