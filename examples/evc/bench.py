@@ -125,6 +125,29 @@ def _forward_fn(model: Any, x: torch.Tensor, fast: Any | None) -> Callable[[], t
     return run
 
 
+def forward_macs(model: Any, height: int, width: int) -> int:
+    """Multiply-accumulates of one networks-only forward at (padded) height x width: every convolution of enc,
+    hyper_enc, hyper_dec, fusion, spatial prior and dec, counted on a 64x64 pass and scaled by the pixel ratio
+    (exact: every layer's output size is proportional to the image area at sizes that are multiples of 64)."""
+    counts = [0]
+    hooks = []
+
+    def hook(mod: torch.nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        counts[0] += out.numel() * mod.weight[0].numel()
+
+    for name in ("enc", "hyper_enc", "hyper_dec", "y_prior_fusion", "y_spatial_prior", "dec"):
+        for mod in getattr(model, name).modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                hooks.append(mod.register_forward_hook(hook))
+    try:
+        x = torch.zeros(1, 3, 64, 64, device=next(model.parameters()).device)
+        _forward_fn(model, x, None)()
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts[0] * (height * width) // (64 * 64)
+
+
 def _pct(v: list[float], p: float) -> float:
     s = sorted(v)
     return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))]
@@ -232,6 +255,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                     "torch": torch.__version__, "loadavg_before": [round(v, 2) for v in load_before],
                     "loadavg_after": [round(v, 2) for v in load_after],
                     "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
+        "forward_gmac": forward_macs(model, xp.shape[-2], xp.shape[-1]) / 1e9 if "forward" in cfg.stages else None,
         "fast_engine_build_s": round(build_s, 3),
         "first_call_s": {k: round(v, 3) for k, v in t_first.items()},
         "results": {name: {k: _summary(v) for k, v in tv.items()} for name, tv in times.items()},
@@ -347,6 +371,10 @@ def format_table(res: dict[str, Any]) -> str:
         if "speedup" in res and key in res["speedup"]:
             row += f"{res['speedup'][key]:>8.2f}x"
         lines.append(row)
+    if res.get("forward_gmac"):
+        rates = ", ".join(f"{n} {2 * res['forward_gmac'] / res['results'][n]['forward']['median_s']:.0f}"
+                          for n in names)
+        lines.append(f"forward: {res['forward_gmac']:.1f} GMAC; achieved GFLOP/s: {rates}")
     for n in names:
         r = res["results"][n]
         fps = []
