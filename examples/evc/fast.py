@@ -15,15 +15,17 @@ Two kinds of networks run in a codec, with different rules:
   :class:`evc.exact.ExactNet` computes (same weight and activation grids, same order of every rounding elementwise
   operation; only the exact integer sums are formed differently), channels-last: per-pixel activation grids become
   reductions over the contiguous last dimension, every 1x1 convolution is one ``mm`` on a (pixels, channels)
-  matrix, the adaptor of a block is merged into the block's first GEMM (same input, same grid), and a dense 3x3
-  convolution is 9 GEMMs over shifted contiguous windows of the zero-padded, row-flattened input (every partial sum
-  is an integer below 2^53, so any grouping of the sum is exact). Tests check ``torch.equal`` against ExactNet.
+  matrix, the adaptor of a block is merged into the block's first GEMM (same input, same grid), a dense 3x3
+  convolution is 9 GEMMs over shifted contiguous windows of the zero-padded, row-flattened input, a depthwise 3x3
+  is 9 shifted multiply-adds that skip the zero padding (every partial sum is an integer below 2^53, so any
+  grouping of the sum is exact), and per-pixel work runs in bands. Tests check ``torch.equal`` against ExactNet.
+  It is not faster than ExactNet on a CPU: both are bound by float64 GEMMs (docs/performance.md).
 
 :class:`FastEngine` bundles both for :func:`evc.compress` / :func:`evc.decompress` / :func:`evc.reconstruct`
 (``engine=`` argument). Bitstreams from a FastEngine decode with the reference engine and vice versa; the
 entropy parameters are identical. The float analysis differs from the eager float32 analysis by float noise, so a
-rounding of y may occasionally flip: the stream is then a different (equally valid) stream; ``analysis="eager"``
-keeps the model's own analysis modules and gives byte-identical streams.
+rounding of y may occasionally flip: the stream is then a different (equally valid) stream; ``impl="eager"`` keeps
+the model's own modules for the float transforms and gives byte-identical streams.
 
 GPU options (untested in this repository's CI, which has no GPU): ``dtype`` float16/bfloat16 for the float
 transforms, ``cuda_graphs=True`` (one captured graph per input shape for each float transform), ``compile=True``
@@ -32,7 +34,6 @@ transforms, ``cuda_graphs=True`` (one captured graph per input shape for each fl
 from __future__ import annotations
 
 import copy
-import logging
 import math
 from typing import Callable, Sequence
 
@@ -53,7 +54,6 @@ from .layers import (
     ResidualBlockWithStride,
 )
 
-log = logging.getLogger(__name__)
 
 __all__ = ["FastTransform", "EagerTransform", "FastExactNet", "FastEngine", "DTYPES", "tune_allocator", "to_nhwc",
            "to_nchw"]
