@@ -129,63 +129,95 @@ class _FloatBuilder:
         return f
 
     # -- blocks ------------------------------------------------------------------------------------------------------
-    def ffn(self, convs: Sequence[nn.Conv2d], slope: float | None) -> Fn:
-        """x + act(W2 act(W1 x + b1) + b2) in row bands (act = ReLU if slope is None, else LeakyReLU(slope))."""
+    def _band_px(self, widest: int) -> int:
+        return max(256, self.band_bytes // (widest * (torch.finfo(self.dtype).bits // 8)))
+
+    def ffn_rows(self, convs: Sequence[nn.Conv2d], slope: float | None) -> tuple[Callable[..., torch.Tensor], int]:
+        """Per-pixel ``x + act(W2 act(W1 x + b1) + b2)`` on (pixels, C) rows (act = ReLU if slope is None, else
+        LeakyReLU(slope)); returns the function and the hidden width."""
         w1, b1 = self.lin_params(convs[0])
         w2, b2 = self.lin_params(convs[1])
-        hidden = w1.shape[0]
-        elem = torch.finfo(self.dtype).bits // 8
-        band_px = max(256, self.band_bytes // (hidden * elem))
 
         def act(t: torch.Tensor) -> torch.Tensor:
             return torch.relu_(t) if slope is None else F.leaky_relu_(t, slope)
 
-        def f(x: torch.Tensor) -> torch.Tensor:
-            shape = x.shape
-            flat = x.reshape(-1, shape[-1])
-            out = torch.empty_like(flat)
-            for s in range(0, flat.shape[0], band_px):
-                xs = flat[s:s + band_px]
-                h = act(torch.addmm(b1, xs, w1.t()))
-                o = act(torch.addmm(b2, h, w2.t()))
-                torch.add(o, xs, out=out[s:s + band_px])
-            return out.view(shape)
-        return f
+        def rows(xs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            h = act(torch.addmm(b1, xs, w1.t()))
+            return torch.add(act(torch.addmm(b2, h, w2.t())), xs, out=out)
+        return rows, w1.shape[0]
 
-    def depth_conv(self, m: DepthConv) -> Fn:
-        """Transform flavour: lrelu(1x1) -> lrelu(dw3x3) -> lrelu(1x1) + identity/adaptor."""
-        s1 = m.conv1[1].negative_slope
-        s2 = m.depth_conv[1].negative_slope
-        s3 = m.conv2[1].negative_slope
-        w1, b1 = self.lin_params(m.conv1[0])
-        dw = self.conv(m.depth_conv[0])
-        w2, b2 = self.lin_params(m.conv2[0])
-        ad = self.module(m.adaptor) if m.adaptor is not None else None
-
-        def f(x: torch.Tensor) -> torch.Tensor:
-            t = F.leaky_relu_(F.linear(x, w1, b1), s1)
-            t = F.leaky_relu_(dw(t), s2)
-            t = F.leaky_relu_(F.linear(t, w2, b2), s3)
-            return t.add_(x if ad is None else ad(x))
-        return f
-
-    def prior_depth_conv(self, m: PriorDepthConv) -> Fn:
-        """Prior flavour: lrelu(1x1) -> dw3x3 -> 1x1 + identity; the dw bias is folded into the second 1x1."""
+    def depth_conv_parts(self, m: DepthConv | PriorDepthConv) -> tuple[Fn, Callable[..., torch.Tensor], int]:
+        """Split a DepthConv into a spatial head ``x -> (t, identity)`` (1x1, activation, depthwise 3x3 [+ activation])
+        and a per-pixel tail ``(t, identity) -> out`` (1x1 [+ activation] + identity). Prior flavour: the depthwise
+        bias is folded into the second 1x1 (no activation in between)."""
+        prior = isinstance(m, PriorDepthConv)
         s1 = m.conv1[1].negative_slope
         w1, b1 = self.lin_params(m.conv1[0])
-        dwc = m.depth_conv
+        dwc = m.depth_conv if prior else m.depth_conv[0]
+        s_dw = None if prior else m.depth_conv[1].negative_slope
+        c2 = m.conv2 if prior else m.conv2[0]
+        s2 = None if prior else m.conv2[1].negative_slope
         dw_w = self._t(dwc.weight).contiguous(memory_format=torch.channels_last)
+        dw_b = None if prior else self._t(dwc.bias)
         stride, pad, groups = dwc.stride, dwc.padding, dwc.groups
-        w2_64 = m.conv2.weight.detach().to(torch.float64).flatten(1)
-        b2_64 = m.conv2.bias.detach().to(torch.float64) + w2_64 @ dwc.bias.detach().to(torch.float64)
+        w2_64 = c2.weight.detach().to(torch.float64).flatten(1)
+        b2_64 = c2.bias.detach().to(torch.float64)
+        if prior:
+            b2_64 = b2_64 + w2_64 @ dwc.bias.detach().to(torch.float64)
         w2, b2 = self._t(w2_64).contiguous(), self._t(b2_64)
         ad = self.module(m.adaptor) if m.adaptor is not None else None
 
-        def f(x: torch.Tensor) -> torch.Tensor:
+        def head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             t = F.leaky_relu_(F.linear(x, w1, b1), s1)
-            t = F.conv2d(to_nchw(t), dw_w, None, stride, pad, 1, groups).permute(0, 2, 3, 1).contiguous()
-            t = F.linear(t, w2, b2)
-            return t.add_(x if ad is None else ad(x))
+            t = F.conv2d(to_nchw(t), dw_w, dw_b, stride, pad, 1, groups).permute(0, 2, 3, 1).contiguous()
+            if s_dw is not None:
+                t = F.leaky_relu_(t, s_dw)
+            return t, (x if ad is None else ad(x))
+
+        def tail(t: torch.Tensor, ident: torch.Tensor) -> torch.Tensor:
+            u = torch.addmm(b2, t, w2.t())
+            if s2 is not None:
+                u = F.leaky_relu_(u, s2)
+            return u.add_(ident)
+        return head, tail, w2.shape[0]
+
+    def _banded(self, rows_fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], c_out: int,
+                widest: int) -> torch.Tensor:
+        """Apply a per-pixel function to NHWC inputs in bands of pixels; ``rows_fn(*input_rows, out=out_rows)``."""
+        shape = inputs[0].shape
+        flats = [t.reshape(-1, t.shape[-1]) for t in inputs]
+        n = flats[0].shape[0]
+        out = torch.empty(n, c_out, dtype=flats[0].dtype, device=flats[0].device)
+        step = self._band_px(widest)
+        for s in range(0, n, step):
+            rows_fn(*[f[s:s + step] for f in flats], out=out[s:s + step])
+        return out.view(*shape[:-1], c_out)
+
+    def ffn(self, convs: Sequence[nn.Conv2d], slope: float | None) -> Fn:
+        """A ConvFFN alone, in row bands."""
+        rows, hidden = self.ffn_rows(convs, slope)
+        return lambda x: self._banded(rows, [x], x.shape[-1], hidden)
+
+    def depth_conv(self, m: DepthConv | PriorDepthConv, ffn: ConvFFN | PriorConvFFN | None = None) -> Fn:
+        """A DepthConv, optionally followed by its FFN: the spatial head on the whole tensor, then the per-pixel
+        tail and the FFN together in row bands (the block output of one band stays in cache)."""
+        head, tail, c_out = self.depth_conv_parts(m)
+        if ffn is None:
+            def tail_rows(t: torch.Tensor, ident: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                return out.copy_(tail(t, ident))
+            widest = c_out
+        else:
+            slope = None if isinstance(ffn, ConvFFN) else ffn.conv[1].negative_slope
+            if isinstance(ffn, PriorConvFFN) and ffn.conv[1].negative_slope != ffn.conv[3].negative_slope:
+                raise NotImplementedError("prior FFN with two different slopes")
+            f_rows, widest = self.ffn_rows([ffn.conv[0], ffn.conv[2]], slope)
+
+            def tail_rows(t: torch.Tensor, ident: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+                return f_rows(tail(t, ident), out=out)
+
+        def f(x: torch.Tensor) -> torch.Tensor:
+            t, ident = head(x)
+            return self._banded(tail_rows, [t, ident], c_out, widest)
         return f
 
     def stride_block(self, m: ResidualBlockWithStride) -> Fn:
@@ -235,6 +267,10 @@ class _FloatBuilder:
                     fns.append(lambda x, w=w, b=b, r=r: _pixel_shuffle_nhwc(F.linear(x, w, b), r))
                     i += 2
                     continue
+                if isinstance(c, (DepthConv, PriorDepthConv)) and isinstance(nxt, (ConvFFN, PriorConvFFN)):
+                    fns.append(self.depth_conv(c, nxt))
+                    i += 2
+                    continue
                 fns.append(self.module(c))
                 i += 1
 
@@ -245,10 +281,8 @@ class _FloatBuilder:
             return seq
         if isinstance(m, (DepthConvBlock, PriorDepthConvBlock, PriorDepthConvBlockUpsample)):
             return self.module(m.block)
-        if isinstance(m, DepthConv):
+        if isinstance(m, (DepthConv, PriorDepthConv)):
             return self.depth_conv(m)
-        if isinstance(m, PriorDepthConv):
-            return self.prior_depth_conv(m)
         if isinstance(m, ConvFFN):
             return self.ffn([m.conv[0], m.conv[2]], None)
         if isinstance(m, PriorConvFFN):
