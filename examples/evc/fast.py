@@ -63,11 +63,18 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, 
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
-#: target size in bytes of one row band of a 4x-wide FFN intermediate (float path; fits a 1 MiB L2)
-_BAND_BYTES = 1 << 20
-#: band size of the exact (float64) path: larger, because float64 GEMMs with small bands lose more than the
-#: cache gains (measured on the 2-core AMD EPYC of this project: 4 MiB beat 1 MiB and no banding)
+#: band size in bytes of the widest per-pixel intermediate (float path)
+_BAND_BYTES = 1 << 23
+#: band size of the exact (float64) path
 _EXACT_BAND_BYTES = 1 << 22
+
+
+def _use_bands(total_bytes: int, band_bytes: int) -> bool:
+    """Banding pays only single-threaded and for intermediates well above one band (4 bands; with the default
+    sizes that is beyond a 32 MiB L3 for the float path). Measured on the project's
+    2-core machine under load: 1 thread, EVC_SS encoder 1.06-1.09 s banded vs 1.20 s unbanded; 2 threads, 2.9 s
+    banded vs 1.8 s unbanded (every band is an OpenMP region whose threads wait for each other)."""
+    return torch.get_num_threads() == 1 and total_bytes > 4 * band_bytes
 
 
 def to_nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -129,8 +136,9 @@ class _FloatBuilder:
         return f
 
     # -- blocks ------------------------------------------------------------------------------------------------------
-    def _band_px(self, widest: int) -> int:
-        return max(256, self.band_bytes // (widest * (torch.finfo(self.dtype).bits // 8)))
+    def _band_px(self, n: int, widest: int) -> int:
+        per_px = widest * (torch.finfo(self.dtype).bits // 8)
+        return n if not _use_bands(n * per_px, self.band_bytes) else max(256, self.band_bytes // per_px)
 
     def ffn_rows(self, convs: Sequence[nn.Conv2d], slope: float | None) -> tuple[Callable[..., torch.Tensor], int]:
         """Per-pixel ``x + act(W2 act(W1 x + b1) + b2)`` on (pixels, C) rows (act = ReLU if slope is None, else
@@ -188,7 +196,7 @@ class _FloatBuilder:
         flats = [t.reshape(-1, t.shape[-1]) for t in inputs]
         n = flats[0].shape[0]
         out = torch.empty(n, c_out, dtype=flats[0].dtype, device=flats[0].device)
-        step = self._band_px(widest)
+        step = self._band_px(n, widest)
         for s in range(0, n, step):
             rows_fn(*[f[s:s + step] for f in flats], out=out[s:s + step])
         return out.view(*shape[:-1], c_out)
@@ -442,7 +450,10 @@ def _lrelu_(x: torch.Tensor, slope: float | None) -> torch.Tensor:
 
 
 def _band(total: int, per_item_bytes: int, band_bytes: int) -> int:
-    """Items per band so that one band of the largest intermediate is about ``band_bytes``."""
+    """Items per band so that one band of the largest intermediate is about ``band_bytes`` (all items in one band
+    where banding does not pay, see :func:`_use_bands`)."""
+    if not _use_bands(total * per_item_bytes, band_bytes):
+        return total
     return max(1, min(total, band_bytes // max(1, per_item_bytes)))
 
 

@@ -50,6 +50,7 @@ def test_fast_exact_twin_is_bit_identical(mini, name, cin_mult, down):
     finally:
         torch.set_num_threads(1)
     assert torch.equal(torch.cat([fast(x[:1]), fast(x[1:])]), ref)
+    assert torch.equal(FastExactNet(mod, band_bytes=2048)(x), ref)  # banded evaluation (tiny bands)
 
 
 @pytest.mark.parametrize("name", ["enc", "hyper_enc", "dec"])
@@ -60,7 +61,7 @@ def test_fast_transform_matches_eager(mini, name):
     x = torch.rand(1, 3, 64, 128, generator=g) if name == "enc" else torch.randn(1, mini.N, 4, 8, generator=g)
     with torch.no_grad():
         ref = mod(x)
-        out = FastTransform(mod, band_bytes=4096)(x)  # small bands: exercise the banded FFN
+        out = FastTransform(mod, band_bytes=4096)(x)  # small bands: exercise the banded tail + FFN
         eager_cl = EagerTransform(mod, channels_last=True)(x)
     scale = ref.abs().max()
     assert out.shape == ref.shape and out.dtype == torch.float32
