@@ -45,6 +45,10 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     print(table(results))
     print(f"\nresults: {cfg.out_dir / 'results.json'} (wall time {results['wall_seconds']:.0f} s)")
     print("plots:\n  " + "\n  ".join(plots))
+    bad = [r["dir"] for r in results["runs"] if not r["reload_exact"]]
+    if bad:
+        raise ValueError(f"reloaded students did not reproduce their accuracy: {', '.join(bad)}")
+    print("every saved student reloads (maskdecay.load_pruned / TP history replay) with exactly its accuracy")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:

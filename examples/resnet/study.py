@@ -71,7 +71,9 @@ def _one(cfg: Config, method: str, budget: float, tmodel: nn.Module, train: Spli
     info = {k: v for k, v in o.info.items() if k != "tp_history"}
     row = {"method": method, "budget": budget, "dir": rundir.name, **_measure(reloaded), **info,
            "accuracy_reloaded": acc_reloaded, "reload_exact": acc_reloaded == o.info["accuracy"]}
-    done.write_text(json.dumps({"key": key, "row": row}, indent=1))
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "row": row}, indent=1))
+    tmp.replace(done)
     log.info("%s@%g: %.2f M MACs, accuracy %.2f %% (after cut %.2f %%), reloaded %.2f %%, %.0f s", method, budget,
              row["macs"] / 1e6, row["accuracy"], row["accuracy_after_export"], acc_reloaded, row["seconds"])
     return row, reloaded
