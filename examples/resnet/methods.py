@@ -10,6 +10,11 @@ LR schedule and total number of steps (``decay_steps + finetune_steps``):
 The LR is ``prune.lr`` (constant) for the first ``decay_steps`` steps and follows a cosine to 0 over the rest. Torch-
 Pruning replaces the parameters when it prunes, so its optimizer is rebuilt there (momentum lost; a TP limit); mask
 decay's export carries the optimizer state over.
+
+These pruning phases train in the default NCHW memory format (the teacher trains channels_last): training a pruned
+ResNet-20 with 2-channel layers in channels_last crashed torch 2.13's CPU backend ("double free or corruption" with one
+thread, a hang in oneDNN's 1x1-conv weight gradient with two), reproducibly; NCHW trains it fine. Evaluation and
+latency use channels_last inputs (forward passes only).
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ from .training import evaluate, run_steps, sgd, warmup_cosine
 log = logging.getLogger(__name__)
 
 TP_FORMAT = "resnet-example-tp-student"
+TRAIN_FORMAT = torch.contiguous_format
+"""Memory format of the pruning phases (see the module docstring)."""
 
 
 def example_input(device: str | torch.device = "cpu") -> torch.Tensor:
@@ -76,7 +83,7 @@ def mask_decay(method: str, budget: float, teacher: nn.Module, cfg: Config, stre
                test: Split) -> Outcome:
     """Decay a copy of the teacher to ``budget`` of its MACs, export it, fine-tune it."""
     p = cfg.prune
-    model = copy.deepcopy(teacher)
+    model = copy.deepcopy(teacher).to(memory_format=TRAIN_FORMAT)
     masks = md.ChannelMasks(model, example_input(cfg.device), ignored_layers=[model.fc])
     plan = md.plan(masks, macs=budget, importance=p.importance)
     decay = md.MaskDecay(masks, plan, steps=p.decay_steps, schedule=p.schedule, regularizer=regularizer(method, cfg))
@@ -85,7 +92,7 @@ def mask_decay(method: str, budget: float, teacher: nn.Module, cfg: Config, stre
               penalty=decay.penalty, after_step=decay.step)
     probe = to_float(test.x[:200]).to(cfg.device)
     masked = _outputs(model, probe)
-    student = md.export(model, masks, optimizer=opt).to(memory_format=torch.channels_last)
+    student = md.export(model, masks, optimizer=opt).to(memory_format=TRAIN_FORMAT)
     diff = float((_outputs(student, probe) - masked).abs().max() / masked.abs().max())
     acc_export = evaluate(student, test)
     run_steps(student, opt, stream, p.finetune_steps, warmup_cosine(p.finetune_steps), f"{method}@{budget:g} tune")
@@ -120,7 +127,7 @@ def torch_pruning(method: str, budget: float, teacher: nn.Module, cfg: Config, s
                   test: Split) -> Outcome:
     """A Torch-Pruning baseline (``tp_l1`` or ``tp_groupnorm``) through TP's own pruners."""
     p = cfg.prune
-    model = copy.deepcopy(teacher)
+    model = copy.deepcopy(teacher).to(memory_format=TRAIN_FORMAT)
     x = example_input(cfg.device)
     target = budget * md.count_macs(teacher, x)
     pruner = _tp_pruner(method, model, cfg)
@@ -133,7 +140,7 @@ def torch_pruning(method: str, budget: float, teacher: nn.Module, cfg: Config, s
         tune_steps = p.finetune_steps
         lr_at = warmup_cosine(p.finetune_steps)
     n = _prune_to_macs(pruner, model, target, x)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=TRAIN_FORMAT)
     acc_pruned = evaluate(model, test)
     opt = sgd(model, p.lr, p.momentum, p.weight_decay)  # TP replaced the parameters: a new optimizer
     run_steps(model, opt, stream, tune_steps, lr_at, f"{method}@{budget:g} tune")
@@ -143,7 +150,8 @@ def torch_pruning(method: str, budget: float, teacher: nn.Module, cfg: Config, s
 
 def run(method: str, budget: float, teacher: nn.Module, cfg: Config, train: Split, test: Split) -> Outcome:
     """One method at one budget; every method gets the same batch stream (seed ``cfg.seed + 1``)."""
-    stream = BatchStream(train, cfg.prune.batch_size, cfg.seed + 1, cfg.device)
+    stream = BatchStream(train, cfg.prune.batch_size, cfg.seed + 1, cfg.device,
+                         channels_last=TRAIN_FORMAT == torch.channels_last)
     torch.manual_seed(cfg.seed + 1)
     t0 = time.perf_counter()
     fn = mask_decay if method in MASK_METHODS else torch_pruning

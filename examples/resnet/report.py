@@ -70,6 +70,22 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The table as Markdown (for docs): one row per run, teacher first."""
+    t = results["teacher"]
+    lines = ["| method | budget | MACs | params | acc. at cut | acc. final | reload | latency b{} | speed-up | MAC "
+             "reduction | ratio |".format(results["latency_batch"]), "|" + "---|" * 11,
+             f"| teacher | – | {t['macs'] / 1e6:.2f} M | {t['params'] / 1e3:.0f} k | – | {t['accuracy']:.2f} % | – | "
+             f"{t['latency_ms']:.1f} ms | 1.00 | 1.00 | – |"]
+    for r in sorted(results["runs"], key=lambda r: (-r["budget"], results["methods"].index(r["method"]))):
+        lines.append(
+            f"| {r['method']} | {r['budget']:g} | {r['macs'] / 1e6:.2f} M | {r['params'] / 1e3:.0f} k | "
+            f"{r['accuracy_after_export']:.2f} % | {r['accuracy']:.2f} % | {'exact' if r['reload_exact'] else 'DIFF'} | "
+            f"{r['latency_ms']:.1f} ms | {r['speedup']:.2f} | {r['mac_reduction']:.2f} | "
+            f"{r['speedup_over_mac_reduction']:.2f} |")
+    return "\n".join(lines)
+
+
 def plot_accuracy_vs_macs(results: dict[str, Any], path: Path) -> str:
     """Test accuracy against MACs, one line per method over the budgets, the teacher as a star."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -111,10 +127,10 @@ def write(results: dict[str, Any], out: Path) -> list[str]:
     return plots
 
 
-def redraw(run_dir: Path) -> tuple[str, list[str]]:
-    """Table and plots again from a run folder's ``results.json``."""
+def redraw(run_dir: Path, as_markdown: bool = False) -> tuple[str, list[str]]:
+    """Table (text or Markdown) and plots again from a run folder's ``results.json``."""
     path = run_dir / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: give a folder written by `python -m resnet prune`")
     results = json.loads(path.read_text())
-    return table(results), write(results, run_dir)
+    return (markdown(results) if as_markdown else table(results)), write(results, run_dir)
