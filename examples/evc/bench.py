@@ -403,8 +403,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from .cli import _parse_size
 
     p = sub.add_parser("bench", help="speed of the reference and fast paths (random weights, no checkpoint)",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="EVC_SS")
+                       description="Speed of the EVC codec: the reference path and the fast path measured in the "
+                                   "same run, interleaved (see docs/performance.md).")
+    p.add_argument("--arch", default="EVC_SS", help="architecture, built with random weights (default EVC_SS)")
     p.add_argument("--size", type=_parse_size, default=(768, 512),
                    help="WxH (default 768x512); padded to a multiple of 64 (1920x1080 runs as 1920x1088)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -423,7 +424,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help=f"comma-separated subset of {','.join(STAGES)} (default all)")
     p.add_argument("--no-reference", action="store_true", help="time the fast path only")
     p.add_argument("--image", default=None, help="image to code, resized to --size (default: synthetic)")
-    p.add_argument("--rate-index", type=int, default=3)
+    p.add_argument("--rate-index", type=int, default=3, help="q_scale anchor 0..3 (default 3, the highest rate)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
     p.set_defaults(handler=cmd_bench)
     return p
