@@ -74,13 +74,15 @@ def _check(value: Any, tp: Any, where: str) -> Any:
             value = float(value)
         except ValueError:
             pass
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp in (str, bool) and type(value) is tp:
         return value
-    name = {float: "a finite number", int: "an integer", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    name = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}.get(tp, str(tp))
     raise ConfigError(f"{where}: expected {name}, got {value!r}")
 
 

@@ -19,15 +19,12 @@ Unknown keys, wrong types and bad values raise :class:`ConfigError` naming the k
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+import maskdecay as md
 
 MASK_METHODS: dict[str, str] = {
     "sparsity": "sparsity", "l1": "l1", "l2": "l2", "bn_l1": "bn", "group_lasso": "group_lasso", "hard": "hard"}
@@ -37,8 +34,8 @@ TP_METHODS: tuple[str, ...] = ("tp_l1", "tp_groupnorm")
 METHODS: tuple[str, ...] = (*MASK_METHODS, *TP_METHODS)
 
 
-class ConfigError(ValueError):
-    """A config file that does not validate."""
+ConfigError = md.ConfigError
+"""A config that does not validate (maskdecay's typed-config error)."""
 
 
 @dataclass
@@ -114,54 +111,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _check_type(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_type(value, inner[0], where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        kt, vt = typing.get_args(tp)
-        return {_check_type(k, kt, f"{where} key"): _check_type(v, vt, f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp in (str, bool) and type(value) is tp:
-        return value
-    name = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}.get(tp, str(tp))
-    raise ConfigError(f"{where}: expected {name}, got {value!r}")
-
-
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown key {path!r}{hint}")
-        kwargs[key] = _check_type(value, hints[key], path)
-    return cls(**kwargs)
-
-
 def _validate(cfg: Config) -> None:
     p, t = cfg.prune, cfg.teacher
     bad = [m for m in p.methods if m not in METHODS]
@@ -208,43 +157,18 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.arch: {e}") from None
 
 
-def _set(raw: dict[str, Any], dotted: str) -> None:
-    key, sep, text = dotted.partition("=")
-    if not sep:
-        raise ConfigError(f"--set expects KEY=VALUE (e.g. prune.decay_steps=500), got {dotted!r}")
-    *parents, last = key.split(".")
-    node = raw
-    for p in parents:
-        if node.get(p) is None:
-            node[p] = {}
-        node = node[p]
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {p!r} is not a section")
-    node[last] = yaml.safe_load(text)
-
-
 def from_dict(raw: dict[str, Any] | None, overrides: list[str] = ()) -> Config:
     """Validate a raw mapping (plus ``--set KEY=VALUE`` overrides) into a :class:`Config`."""
-    raw = dict(raw or {})
-    for o in overrides:
-        _set(raw, o)
-    cfg = _build(Config, raw, "")
+    cfg = md.config_from_dict(Config, md.apply_overrides(dict(raw or {}), overrides))
     _validate(cfg)
     return cfg
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read and validate a YAML config file; errors are prefixed with the file name."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+    cfg = md.load_config(Config, path, overrides)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    try:
-        return from_dict(raw, overrides)
+        _validate(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+    return cfg
