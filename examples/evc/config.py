@@ -2,20 +2,18 @@
 
 A config file has the sections ``model``, ``data``, ``optim``, ``train``, ``val`` and (for ``evc decay`` only)
 ``decay``; every key is optional and has a default. Unknown sections or keys, and values of the wrong type, are
-rejected with one ``ValueError`` that names the key (``config.yaml: train.stepz: unknown key (known: ...)``).
+rejected with one ``ValueError`` that names the key (``config.yaml: unknown key 'train.stepz' (did you mean 'steps'?)``).
 ``--set SECTION.KEY=VALUE`` on the command line overrides a value (VALUE is parsed as YAML).
 Relative paths are resolved against the current directory.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import yaml
+import maskdecay as md
 
 from .models import ARCHS, SCALE_LAMBDAS
 
@@ -200,93 +198,11 @@ class Config:
         return d
 
 
-def _check_type(where: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        return [_check_type(f"{where}[{i}]", v, item) for i, v in enumerate(value)]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {tp}")  # pragma: no cover - a bug in the dataclasses above
-
-
-_SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
-                              "train": TrainConfig, "val": ValConfig, "decay": DecayConfig}
-
-
 def config_from_dict(d: Any, source: str = "config") -> Config:
     """Build and validate a :class:`Config` from a nested dict; ``ValueError`` names the first bad key."""
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        raise ValueError(f"{source}: expected a mapping of sections ({', '.join(_SECTIONS)})")
-    kwargs: dict[str, Any] = {}
-    for sec, body in d.items():
-        if sec not in _SECTIONS:
-            raise ValueError(f"{source}: unknown section {sec!r} (known: {', '.join(_SECTIONS)})")
-        cls = _SECTIONS[sec]
-        if body is None:
-            body = {}
-        if not isinstance(body, dict):
-            raise ValueError(f"{source}: section {sec!r} must be a mapping")
-        hints = typing.get_type_hints(cls)
-        known = [f.name for f in dataclasses.fields(cls)]
-        vals = {}
-        for k, v in body.items():
-            if k not in known:
-                raise ValueError(f"{source}: {sec}.{k}: unknown key (known: {', '.join(known)})")
-            vals[k] = _check_type(f"{source}: {sec}.{k}", v, hints[k])
-        kwargs[sec] = cls(**vals)
-    cfg = Config(**kwargs)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-    return cfg
-
-
-def _apply_override(d: dict[str, Any], item: str) -> None:
-    if "=" not in item or "." not in item.split("=", 1)[0]:
-        raise ValueError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
-    key, raw = item.split("=", 1)
-    sec, name = key.split(".", 1)
-    d.setdefault(sec, {})
-    if d[sec] is None:
-        d[sec] = {}
-    d[sec][name] = yaml.safe_load(raw)
+    return md.config_from_dict(Config, d, source)
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (None = all defaults), apply ``SECTION.KEY=VALUE`` overrides, validate."""
-    d: dict[str, Any] = {}
-    source = "config"
-    if path is not None:
-        source = os.fspath(path)
-        try:
-            with open(path) as f:
-                d = yaml.safe_load(f) or {}
-        except OSError as e:
-            raise ValueError(f"{source}: cannot read config ({e.strerror})") from None
-        except yaml.YAMLError as e:
-            raise ValueError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{source}: expected a mapping of sections ({', '.join(_SECTIONS)})")
-    for item in overrides:
-        _apply_override(d, item)
-    return config_from_dict(d, source)
+    return md.load_config(Config, path, overrides)
