@@ -22,7 +22,7 @@ import copy
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,7 @@ from .train import Dist, Hooks, RDObjective, _param_groups, add_common_args, run
 log = logging.getLogger(__name__)
 
 __all__ = ["student_spec", "attach_masks", "stage_plan", "DistillObjective", "decay_and_export", "run_decay",
-           "cmd_decay", "add_parser"]
+           "cmd_decay", "add_parser", "decay_overrides"]
 
 #: module index inside ``enc``/``dec`` -> stage (0 = C1 ... 2 = C3); the last stage (C4 = latent) is never pruned
 _STAGE = {"enc": {0: 0, 1: 0, 2: 1, 3: 1, 4: 2, 5: 2}, "dec": {1: 2, 2: 2, 3: 1, 4: 1, 5: 0, 6: 0}}
@@ -276,13 +276,16 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(handler=cmd_decay)
 
 
+def decay_overrides(args: argparse.Namespace, keys: Sequence[str]) -> list[str]:
+    """``args.overrides`` preceded by ``decay.KEY=VALUE`` for each of ``keys`` given as a CLI flag (the explicit
+    ``--set`` items come last, so they win)."""
+    flags = [f"decay.{k}={json.dumps(getattr(args, k))}" for k in keys if getattr(args, k) is not None]
+    return [*reversed(flags), *args.overrides]
+
+
 def cmd_decay(args: argparse.Namespace) -> int:
     """``evc decay``."""
-    sets = list(args.overrides)
-    for key, val in (("teacher", args.teacher), ("student", args.student), ("regularizer", args.regularizer),
-                     ("steps", args.steps), ("finetune_steps", args.finetune_steps)):
-        if val is not None:
-            sets.insert(0, f"decay.{key}={json.dumps(val)}")
+    sets = decay_overrides(args, ("teacher", "student", "regularizer", "steps", "finetune_steps"))
     cfg = load_config(args.config, sets)
     if cfg.decay is None:
         raise ValueError("the config has no 'decay' section and no --teacher was given")

@@ -22,7 +22,7 @@ for activations, i.e. close to float32 accuracy; the exact path differs from the
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from .layers import (
     PriorDepthConvBlockUpsample,
 )
 
-__all__ = ["W_BITS", "pow2", "ExactNet", "quantize_rows"]
+__all__ = ["W_BITS", "pow2", "ExactNet", "quantize_rows", "chain"]
 
 #: significant bits kept per weight row
 W_BITS = 20
@@ -204,15 +204,18 @@ def _lrelu(x: torch.Tensor, slope: float) -> torch.Tensor:
     return nn.functional.leaky_relu(x, slope)
 
 
+def chain(fns: Sequence[Callable[[torch.Tensor], torch.Tensor]]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The composition ``fns[-1](...fns[0](x))`` of compiled layer functions."""
+    def seq(x: torch.Tensor) -> torch.Tensor:
+        for f in fns:
+            x = f(x)
+        return x
+    return seq
+
+
 def _compile(m: nn.Module, dev: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     if isinstance(m, nn.Sequential):
-        fns = [_compile(c, dev) for c in m]
-
-        def seq(x: torch.Tensor) -> torch.Tensor:
-            for f in fns:
-                x = f(x)
-            return x
-        return seq
+        return chain([_compile(c, dev) for c in m])
     if isinstance(m, (PriorDepthConvBlock, PriorDepthConvBlockUpsample, DepthConvBlock)):
         return _compile(m.block, dev)
     if isinstance(m, DepthConv):

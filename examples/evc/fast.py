@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .exact import W_BITS, _MANT, _exponent, pow2, quantize_rows
+from .exact import W_BITS, _MANT, _exponent, chain, pow2, quantize_rows
 from .layers import (
     ConvFFN,
     DepthConv,
@@ -283,12 +283,7 @@ class _FloatBuilder:
                     continue
                 fns.append(self.module(c))
                 i += 1
-
-            def seq(x: torch.Tensor) -> torch.Tensor:
-                for f in fns:
-                    x = f(x)
-                return x
-            return seq
+            return chain(fns)
         if isinstance(m, (DepthConvBlock, PriorDepthConvBlock, PriorDepthConvBlockUpsample)):
             return self.module(m.block)
         if isinstance(m, (DepthConv, PriorDepthConv)):
@@ -635,12 +630,7 @@ class _ExactBuilder:
                     continue
                 fns.append(self.module(c))
                 i += 1
-
-            def seq(x: torch.Tensor) -> torch.Tensor:
-                for f in fns:
-                    x = f(x)
-                return x
-            return seq
+            return chain(fns)
         if isinstance(m, (PriorDepthConvBlock, PriorDepthConvBlockUpsample, DepthConvBlock)):
             return self.module(m.block)
         if isinstance(m, PriorDepthConv):

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import Config, load_config
-from .decay import DistillObjective, _frozen, attach_masks, decay_and_export, stage_plan
+from .decay import DistillObjective, _frozen, attach_masks, decay_and_export, decay_overrides, stage_plan
 from .models import EVC, WIDTHS, ScalableEVC, build_model, load_model, save_model
 from .train import _param_groups, add_common_args, run_training, setup_distributed
 
@@ -157,10 +157,7 @@ def add_parser(sub: Any) -> None:
 
 def cmd_rrl(args: argparse.Namespace) -> int:
     """``evc rrl``."""
-    sets = list(args.overrides)
-    for key, val in (("teacher", args.teacher), ("steps", args.steps), ("finetune_steps", args.finetune_steps)):
-        if val is not None:
-            sets.insert(0, f"decay.{key}={json.dumps(val)}")
+    sets = decay_overrides(args, ("teacher", "steps", "finetune_steps"))
     cfg = load_config(args.config, sets)
     summary = run_rrl(cfg, args.base, args.out, resume=args.resume, stop_after=args.stop_after,
                       progress=not args.no_progress)
