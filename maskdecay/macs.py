@@ -13,8 +13,32 @@ import torch
 import torch.nn as nn
 
 
+def to_model_device(example_inputs: Any, model: nn.Module) -> Any:
+    """``example_inputs`` (a tensor, or tensors in tuples/lists/dicts) on the device of the model's parameters.
+
+    Lets a user trace a model that already lives on a GPU with inputs built on the CPU (or the other way round);
+    non-tensor values are returned unchanged, and nothing is copied when the devices already agree."""
+    device = next((p.device for p in model.parameters()), None)
+    if device is None:
+        return example_inputs
+
+    def move(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, dict):
+            return {k: move(x) for k, x in v.items()}
+        if isinstance(v, tuple) and hasattr(v, "_fields"):  # namedtuple
+            return type(v)(*(move(x) for x in v))
+        if isinstance(v, (tuple, list)):
+            return type(v)(move(x) for x in v)
+        return v
+    return move(example_inputs)
+
+
 def run_model(model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None) -> Any:
-    """Call the model the way Torch-Pruning does: ``forward_fn``, a dict of kwargs, a tuple of args, or one input."""
+    """Call the model the way Torch-Pruning does: ``forward_fn``, a dict of kwargs, a tuple of args, or one input.
+    Input tensors are moved to the model's device first (:func:`to_model_device`)."""
+    example_inputs = to_model_device(example_inputs, model)
     if forward_fn is not None:
         return forward_fn(model, example_inputs)
     if isinstance(example_inputs, dict):

@@ -126,3 +126,27 @@ def test_export_before_decay_is_done_is_refused() -> None:
     decay.step()
     with pytest.raises(ValueError, match="not zero yet"):
         md.export(model, masks)
+
+
+def test_example_inputs_follow_the_model_device() -> None:
+    """Inputs in any container reach the model's device; non-tensors and namedtuples survive."""
+    from collections import namedtuple
+
+    from maskdecay.macs import to_model_device
+
+    P = namedtuple("P", "x k")
+    model = nn.Linear(2, 2).to(torch.float64)
+    x = torch.ones(1, 2)
+    out = to_model_device({"a": (x, [x, 3]), "b": P(x, "s")}, model)
+    assert isinstance(out["a"], tuple) and isinstance(out["a"][1], list) and out["a"][1][1] == 3
+    assert isinstance(out["b"], P) and out["b"].k == "s" and out["a"][0] is x  # same device: no copy
+    assert to_model_device(x, nn.ReLU()) is x  # no parameters: unchanged
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device in this environment")
+def test_masks_on_a_gpu_model_with_cpu_example_inputs() -> None:
+    """A model already on the GPU is traced with example inputs built on the CPU (they are moved)."""
+    model = resnet_cifar(8, width=8).cuda().train()
+    masks = md.ChannelMasks(model, torch.randn(1, 3, 32, 32))
+    plan = md.plan(masks, macs=0.5)
+    assert plan.macs < masks.teacher_macs and md.count_macs(model, torch.randn(1, 3, 32, 32)) > 0
