@@ -159,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="also check decoded == encoder-side reconstruction (slower)")
     p.add_argument("--enc-id", type=int, default=None, help="scalable models: encoders 0..ENC_ID only")
+    p.add_argument("--fast-synthesis", action="store_true",
+                   help="decode with the float synthesis (faster; PSNR within ~1e-4 dB of the default exact one)")
+    _add_engine_args(p)
 
     p = sub.add_parser("bdrate", help="BD-rate of B (test) against A (anchor); official:EVC_LL etc. allowed")
     p.add_argument("anchor")
@@ -320,7 +323,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.dataset}: no images found")
     if args.rates < 1:
         raise CLIError("--rates must be >= 1")
+    if args.verify and args.fast_synthesis:
+        raise CLIError("--verify compares with the exact synthesis; drop --fast-synthesis")
     model = resolve_model(args.model, args.arch, args.device)
+    eng = _engine(args, model)
     anchors = model.anchors()
     if args.rates == len(anchors):
         rates = [evc.select_rate(model, rate_index=i) for i in range(len(anchors))]
@@ -340,8 +346,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             notes.add(note)
         x = _centre_crop(x, args.crop).to(args.device)
         for ri, rate in enumerate(rates):
-            res = evc.compress(model, x, rate, enc_id=args.enc_id, flags=flags, return_recon=args.verify)
-            out = evc.decompress(model, res.data)
+            res = evc.compress(model, x, rate, enc_id=args.enc_id, flags=flags, return_recon=args.verify, engine=eng)
+            out = evc.decompress(model, res.data, exact_synthesis=not args.fast_synthesis, engine=eng)
             if args.verify and not torch.equal(res.x_hat, out.x_hat):
                 raise CLIError(f"{f}: decoded image differs from the encoder-side reconstruction")
             pix = res.width * res.height
@@ -381,6 +387,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "results": results,
         "meta": {"dataset": os.path.abspath(args.dataset), "images": len(files), "crop": args.crop,
                  "device": args.device, "threads": __import__("torch").get_num_threads(),
+                 "engine": "reference" if args.reference else f"fast {args.dtype}",
+                 "synthesis": "float" if args.fast_synthesis else "exact",
                  "platform": platform.platform(), "python": platform.python_version()},
         "per_image": rows,
     }

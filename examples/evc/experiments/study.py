@@ -185,8 +185,8 @@ def _bd(anchor: dict[str, Any], test: dict[str, Any]) -> tuple[float, float]:
             return math.nan, math.nan
 
 
-def _fmt(v: float, spec: str) -> str:
-    return "n/a" if math.isnan(v) else format(v, spec)
+def _fmt(v: float, spec: str, unit: str = "") -> str:
+    return "n/a" if math.isnan(v) else format(v, spec) + unit
 
 
 def report(out: str, md_path: str | None, img_dir: str | None) -> str:
@@ -201,19 +201,22 @@ def report(out: str, md_path: str | None, img_dir: str | None) -> str:
     teacher = res["teacher"]
     img = img_dir or out
     os.makedirs(img, exist_ok=True)
-    lines = ["| run | bpp (4 anchors) | PSNR dB | BD-rate vs teacher | BD-PSNR | gap closed vs scratch | "
+    lines = ["| run | bpp (4 anchors) | PSNR dB | BD-rate vs teacher | BD-PSNR vs teacher | gap closed vs scratch | "
              "vs scratch_long |", "|---|---|---|---:|---:|---:|---:|"]
 
     def row(name: str, r: dict[str, Any], scratch: dict[str, float]) -> str:
+        """Gap closed = 1 - BD-PSNR(run) / BD-PSNR(scratch) (BD-PSNR: BD-rate is undefined for these flat curves
+        whenever the PSNR ranges do not overlap)."""
         bdr, bdp = _bd(teacher, r) if name != "teacher" else (0.0, 0.0)
         gaps = []
         for key in ("scratch", "scratch_long"):
             s = scratch.get(key, math.nan)
-            gaps.append(_fmt(100 * (1 - bdr / s), ".0f") + " %" if s and not math.isnan(s) and name != "teacher"
-                        else "–")
+            ok = name != "teacher" and "-scratch" not in name and not math.isnan(s) and s < 0
+            gaps.append(_fmt(100 * (1 - bdp / s), ".0f", " %") if ok else "–")
         bpp = " / ".join(f"{v:.3f}" for v in r["results"]["bpp"])
         ps = " / ".join(f"{v:.2f}" for v in r["results"]["psnr-rgb"])
-        return f"| {name} | {bpp} | {ps} | {_fmt(bdr, '+.1f')} % | {_fmt(bdp, '+.2f')} dB | {gaps[0]} | {gaps[1]} |"
+        return (f"| {name} | {bpp} | {ps} | {_fmt(bdr, '+.1f', ' %')} | {_fmt(bdp, '+.2f', ' dB')} | {gaps[0]} | "
+                f"{gaps[1]} |")
 
     lines.append(row("teacher", teacher, {}))
     groups: dict[str, list[str]] = {}
@@ -222,7 +225,7 @@ def report(out: str, md_path: str | None, img_dir: str | None) -> str:
             groups.setdefault(name.split("-")[0] + "-" + name.split("-")[-1], []).append(name)
     for g, names in sorted(groups.items()):
         st, seed = g.split("-")
-        scratch = {k: _bd(teacher, res[f"{st}-{k}-{seed}"])[0] for k in ("scratch", "scratch_long")
+        scratch = {k: _bd(teacher, res[f"{st}-{k}-{seed}"])[1] for k in ("scratch", "scratch_long")
                    if f"{st}-{k}-{seed}" in res}
         order = sorted(names, key=lambda n: METHODS.index(n.split("-")[1]) if n.split("-")[1] in METHODS else 99)
         lines += [row(n, res[n], scratch) for n in order]
@@ -235,8 +238,8 @@ def report(out: str, md_path: str | None, img_dir: str | None) -> str:
             r = res[n]
             bdr, bdp = _bd(teacher, r)
             lines.append(f"| {n} | {' / '.join(f'{v:.3f}' for v in r['results']['bpp'])} | "
-                         f"{' / '.join(f'{v:.2f}' for v in r['results']['psnr-rgb'])} | {_fmt(bdr, '+.1f')} % | "
-                         f"{_fmt(bdp, '+.2f')} dB |")
+                         f"{' / '.join(f'{v:.2f}' for v in r['results']['psnr-rgb'])} | {_fmt(bdr, '+.1f', ' %')} | "
+                         f"{_fmt(bdp, '+.2f', ' dB')} |")
         for base in sorted({n.rsplit("-", 1)[0] for n in rrl}):
             curves = [res[n] for n in rrl if n.rsplit("-", 1)[0] == base]
             plot_rd([teacher, *curves], os.path.join(img, f"study_{base}.png"), title=f"{base}: levels and best-of-4")
