@@ -254,6 +254,20 @@ def test_eval_bdrate_plot_cli(tmp_path, capsys):
     assert len(d["per_image"]) == 8
     row = d["per_image"][0]
     assert row["bpp"] == row["bytes"] * 8 / (96 * 64)
+    assert d["meta"]["engine"] == "fast fp32" and d["meta"]["synthesis"] == "exact"
+    # the reference engine and the float synthesis give the same RD points (float noise apart)
+    jr = tmp_path / "ref.json"
+    assert cli(["eval", "--dataset", KODAK, "--model", "random:mini_EVC_SS", "--json", str(jr), "--limit", "2",
+                "--crop", "96x64", "--rates", "4", "--reference", "--fast-synthesis"]) == 0
+    r = json.loads(jr.read_text())
+    assert r["meta"]["engine"] == "reference" and r["meta"]["synthesis"] == "float"
+    for a, b in zip(d["results"]["psnr-rgb"], r["results"]["psnr-rgb"]):
+        assert abs(a - b) < 1e-2
+    for a, b in zip(d["results"]["bpp"], r["results"]["bpp"]):
+        assert abs(a - b) / a < 0.01
+    assert cli(["eval", "--dataset", KODAK, "--model", "random:mini_EVC_SS", "--json", str(jr), "--limit", "1",
+                "--verify", "--fast-synthesis"]) == 1
+    assert "drop --fast-synthesis" in capsys.readouterr().err
     capsys.readouterr()
     assert cli(["bdrate", "official:EVC_LL", "official:EVC_SS", "--json"]) == 0
     o = json.loads(capsys.readouterr().out)

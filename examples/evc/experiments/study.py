@@ -141,6 +141,8 @@ def run_jobs(jobs: list[Job], n: int, deadline: float | None, log_dir: str, pack
                 return
             j = ready[0]
             todo.remove(j)
+            if os.path.exists(j.output):  # written meanwhile (e.g. by another study or by hand)
+                continue
             lf = os.path.join(log_dir, j.name.replace(" ", "_") + ".log")
 
             def go(j: Job = j, lf: str = lf) -> int:
