@@ -64,7 +64,13 @@ def plan_jobs(a: argparse.Namespace) -> list[Job]:
     dc = load_config(a.student_config, a.overrides).decay
     teacher_steps = load_config(a.scratch_config, a.overrides).train.steps
     total = dc.steps + dc.finetune_steps
-    data = [f"data.train={json.dumps(a.train_data)}", f"val.data={json.dumps(a.kodak)}", *a.overrides]
+    # the step counts go on the command line (--steps / --finetune-steps), where one-shot runs change them; a
+    # --set of the same keys would win over those flags
+    step_keys = ("decay.steps=", "decay.finetune_steps=")
+    data = [f"data.train={json.dumps(a.train_data)}", f"val.data={json.dumps(a.kodak)}",
+            *(o for o in a.overrides if not o.replace(" ", "").startswith(step_keys))]
+    steps = ["--steps", str(dc.steps), "--finetune-steps", str(dc.finetune_steps)]
+    oneshot = ["--steps", "1", "--finetune-steps", str(total - 1)]
 
     def sets(seed: int) -> list[str]:
         return [x for s in [*data, f"train.seed={seed}"] for x in ("--set", s)]
@@ -85,20 +91,18 @@ def plan_jobs(a: argparse.Namespace) -> list[Job]:
                 if m in REGULARIZERS or m == "oneshot":
                     argv = [*py, "decay", "--config", a.student_config, "--teacher", a.teacher, "--student",
                             f"EVC_{st}", "--out", d, "--no-progress", "--resume", *sets(seed)]
-                    argv += (["--regularizer", "sparsity", "--steps", "1", "--finetune-steps", str(total - 1)]
-                             if m == "oneshot" else ["--regularizer", m])
+                    argv += ["--regularizer", "sparsity", *oneshot] if m == "oneshot" else ["--regularizer", m, *steps]
                     model = os.path.join(d, "student.pt")
                 else:
-                    steps = total if m == "scratch" else total + teacher_steps
+                    n = total if m == "scratch" else total + teacher_steps
                     argv = [*py, "train", "--config", a.scratch_config, "--out", d, "--no-progress", "--resume",
-                            *sets(seed), "--set", f"model.arch=mini_EVC_{st}", "--set", f"train.steps={steps}"]
+                            *sets(seed), "--set", f"model.arch=mini_EVC_{st}", "--set", f"train.steps={n}"]
                     model = os.path.join(d, "model.pt")
                 train.append(Job(name, argv, model))
                 evals.append(ev(name, model))
             if a.rrl and st in ("SS", "SL") and "sparsity" in a.methods:
                 base = os.path.join(out, f"{st}-sparsity-s{seed}", "student.pt")
-                for variant, extra in (("rrl", []), ("rrl_oneshot", ["--steps", "1", "--finetune-steps",
-                                                                     str(total - 1)])):
+                for variant, extra in (("rrl", steps), ("rrl_oneshot", oneshot)):
                     name = f"{variant}-{st}-s{seed}"
                     d = os.path.join(out, name)
                     model = os.path.join(d, "scalable.pt")
