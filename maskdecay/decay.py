@@ -41,17 +41,24 @@ class MaskDecay:
         schedule: ``"linear"``, ``"cosine"``, ``"exp"``, ``"step"`` or ``f(t, N) -> [0, 1]``.
         regularizer: ``"sparsity"``, ``"hard"``, ``"l1"``, ``"l2"``, ``"bn"``, ``"group_lasso"`` or an instance.
         mask_lr: step size of the mask updates.
+        mask_grad_clip: clip every mask gradient to ``[-c, c]`` before the step (None: no clipping), so no mask moves
+            more than ``mask_lr * c`` per step. Plain SGD on the masks depends on the loss scale: with an image
+            codec's ``λ·255²·MSE + bpp`` loss the mask gradients reach ~1e7 and the learned (L1/L2) masks diverge
+            in a few steps; ``mask_grad_clip=1.0`` keeps them bounded (classification losses give gradients far
+            below 1, where it changes nothing).
         record_every: history resolution in steps (default: about 200 points over the phase).
         scaler: a ``torch.amp.GradScaler`` if you use one, so mask gradients are unscaled.
     """
 
     def __init__(self, masks: ChannelMasks, plan: Plan, steps: int, schedule: ScheduleLike = "cosine",
                  regularizer: str | Regularizer = "sparsity", mask_lr: float = 0.05, record_every: int | None = None,
-                 scaler: Any = None) -> None:
+                 scaler: Any = None, mask_grad_clip: float | None = None) -> None:
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if mask_lr <= 0:
             raise ValueError(f"mask_lr must be > 0, got {mask_lr}")
+        if mask_grad_clip is not None and not mask_grad_clip > 0:
+            raise ValueError(f"mask_grad_clip must be > 0 or None, got {mask_grad_clip}")
         plan.check(masks)
         self.masks = masks
         self.plan = plan
@@ -61,6 +68,7 @@ class MaskDecay:
         self.schedule = get_schedule(schedule)
         self.regularizer = get_regularizer(regularizer)
         self.mask_lr = float(mask_lr)
+        self.mask_grad_clip = None if mask_grad_clip is None else float(mask_grad_clip)
         self.record_every = record_every or max(1, steps // 200)
         self.scaler = scaler
         self.t = 0
@@ -79,7 +87,7 @@ class MaskDecay:
         self._traced = self._pick_traces()
         self.history: dict[str, Any] = {
             "regularizer": self.regularizer.config(), "schedule": self.schedule_name, "steps": steps,
-            "mask_lr": self.mask_lr, "plan_ratio": plan.ratio, "step": [], "ceiling": [], "penalty": [],
+            "mask_lr": self.mask_lr, "mask_grad_clip": self.mask_grad_clip, "plan_ratio": plan.ratio, "step": [], "ceiling": [], "penalty": [],
             "removed_mean": [], "removed_max": [], "kept_mean": [], "kept_min": [], "removed_effective": [],
             "traces": {label: [] for label, _, _ in self._traced}, "cut_jump": None}
         self._last_penalty = 0.0
@@ -153,6 +161,8 @@ class MaskDecay:
         if not bool(torch.isfinite(flat).all()):
             log.warning("non-finite mask gradient at step %d: mask update skipped", self.t)
         else:
+            if self.mask_grad_clip is not None:
+                flat = flat.clamp(-self.mask_grad_clip, self.mask_grad_clip)
             for v, g, lrn in zip(values, flat.split([v.numel() for v in values]), self.learnable):
                 v.sub_(self.mask_lr * g * lrn)
         for v in values:

@@ -99,6 +99,30 @@ def test_l1_shrinks_kept_masks_too() -> None:
     assert bool((rem == 0).all()) and decay.history["cut_jump"] > 0
 
 
+def test_mask_grad_clip_bounds_masks_under_a_huge_loss_scale() -> None:
+    """An image-codec-sized loss (x 1e6) makes plain SGD on L1 masks explode; mask_grad_clip bounds every step."""
+    def run(clip):
+        model, teacher, x, masks, _, opt = _setup("l1", steps=10)
+        decay = md.MaskDecay(masks, md.plan(masks, macs=0.5), steps=10, regularizer="l1", mask_grad_clip=clip)
+        largest = 0.0
+        for _ in range(5):
+            with torch.no_grad():
+                target = teacher(x) + 1.0
+            loss = 1e6 * F.mse_loss(model(x), target) + decay.penalty()
+            opt.zero_grad()
+            loss.backward()
+            decay.step()  # masks only (no weight step): the change of each mask is the update itself
+            largest = max(largest, float(torch.cat([v.detach() for v in masks.values]).sub(1).abs().max()))
+        return largest, decay
+    free, _ = run(None)
+    clipped, decay = run(1.0)
+    assert free > 100.0  # the unclipped SGD step follows the 1e6-scaled gradient
+    assert clipped <= 5 * 0.05 * 1.0 + 1e-6  # at most mask_lr * clip per step, 5 steps
+    assert decay.history["mask_grad_clip"] == 1.0
+    with pytest.raises(ValueError, match="mask_grad_clip"):
+        md.MaskDecay(decay.masks, decay.plan, steps=3, mask_grad_clip=0)
+
+
 def test_bn_scale_l1_shrinks_norm_scales_not_masks() -> None:
     model, teacher, x, masks, decay, opt = _setup(md.BNScaleL1(strength=1e-2), steps=10)
     before = sum(float(m.weight.abs().sum()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
