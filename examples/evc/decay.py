@@ -35,7 +35,8 @@ from .train import Dist, Hooks, RDObjective, _param_groups, add_common_args, run
 log = logging.getLogger(__name__)
 
 __all__ = ["student_spec", "attach_masks", "stage_plan", "DistillObjective", "prepare_run", "make_optimizer",
-           "finish_command", "decay_and_export", "run_decay", "cmd_decay", "add_parser", "decay_overrides"]
+           "finish_command", "decay_and_export", "run_decay", "cmd_decay", "add_parser", "add_decay_args",
+           "decay_overrides"]
 
 #: module index inside ``enc``/``dec`` -> stage (0 = C1 ... 2 = C3); the last stage (C4 = latent) is never pruned
 _STAGE = {"enc": {0: 0, 1: 0, 2: 1, 3: 1, 4: 2, 5: 2}, "dec": {1: 2, 2: 2, 3: 1, 4: 1, 5: 0, 6: 0}}
@@ -290,13 +291,20 @@ def run_decay(cfg: Config, out_dir: str, resume: bool = False, stop_after: int |
 def add_parser(sub: Any) -> None:
     """Register ``evc decay`` on the CLI's subparsers."""
     p = sub.add_parser("decay", help="mask decay of a teacher into a smaller EVC student, then fine-tuning")
-    add_common_args(p)
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (overrides decay.teacher)")
+    add_decay_args(p, "teacher checkpoint")
     p.add_argument("--student", default=None, help="EVC_ML, EVC_SL, EVC_LM, EVC_LS, EVC_MM, EVC_SS (decay.student)")
     p.add_argument("--regularizer", default=None, help="sparsity, l1, l2, hard, bn, group_lasso (decay.regularizer)")
-    p.add_argument("--steps", type=int, default=None, help="decay-phase steps (decay.steps)")
-    p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps (decay.finetune_steps)")
     p.set_defaults(handler=cmd_decay)
+
+
+def add_decay_args(p: argparse.ArgumentParser, teacher: str, per: str = "") -> None:
+    """The options ``evc decay`` and ``evc rrl`` share: the common training ones, ``--teacher`` (described as
+    ``teacher``), ``--steps`` and ``--finetune-steps`` (``per``: e.g. " per level"); each overrides its ``decay.*``
+    key (see :func:`decay_overrides`)."""
+    add_common_args(p)
+    p.add_argument("--teacher", default=None, help=f"{teacher} (overrides decay.teacher)")
+    p.add_argument("--steps", type=int, default=None, help=f"decay-phase steps{per} (decay.steps)")
+    p.add_argument("--finetune-steps", type=int, default=None, help=f"fine-tuning steps{per} (decay.finetune_steps)")
 
 
 def decay_overrides(args: argparse.Namespace, keys: Sequence[str]) -> list[str]:

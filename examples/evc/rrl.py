@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from .config import Config, load_config
-from .decay import (DistillObjective, _frozen, attach_masks, decay_and_export, decay_overrides, finish_command,
-                    make_optimizer, prepare_run, stage_plan)
+from .decay import (DistillObjective, _frozen, add_decay_args, attach_masks, decay_and_export, decay_overrides,
+                    finish_command, make_optimizer, prepare_run, stage_plan)
 from .models import EVC, WIDTHS, ScalableEVC, build_model, load_model, save_model
-from .train import add_common_args, run_training
+from .train import run_training
 
 __all__ = ["scalable_name", "ResidualCandidate", "run_rrl", "add_parser", "cmd_rrl"]
 
@@ -139,11 +139,8 @@ def run_rrl(cfg: Config, base_path: str, out_dir: str, resume: bool = False, sto
 def add_parser(sub: Any) -> None:
     """Register ``evc rrl`` on the CLI's subparsers."""
     p = sub.add_parser("rrl", help="scalable encoder (Scale_EVC_SS/SL) by residual representation learning")
-    add_common_args(p)
-    p.add_argument("--teacher", default=None, help="large teacher checkpoint (EVC_LL; overrides decay.teacher)")
+    add_decay_args(p, "large EVC_LL teacher checkpoint", per=" per level")
     p.add_argument("--base", required=True, help="single-encoder student with an S encoder (EVC_SS or EVC_SL)")
-    p.add_argument("--steps", type=int, default=None, help="decay steps per level (decay.steps)")
-    p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per level")
     p.set_defaults(handler=cmd_rrl)
 
 
