@@ -140,6 +140,7 @@ class _LayerWalker(ABC):
     kind: str
 
     def module(self, m: nn.Module) -> Fn:
+        """The NHWC closure of any supported EVC module."""
         if isinstance(m, nn.Sequential):
             return self.sequential(m)
         if isinstance(m, (DepthConvBlock, PriorDepthConvBlock, PriorDepthConvBlockUpsample)):
@@ -162,6 +163,7 @@ class _LayerWalker(ABC):
         return self.unsupported(m)
 
     def sequential(self, m: nn.Sequential) -> Fn:
+        """The chain of the children's closures, the two fusable pairs built together."""
         items = list(m)
         fns: list[Fn] = []
         i = 0
@@ -181,9 +183,11 @@ class _LayerWalker(ABC):
         return chain(fns)
 
     def unsupported(self, m: nn.Module) -> NoReturn:
+        """Raise ``NotImplementedError`` for a layer this builder cannot evaluate."""
         raise NotImplementedError(f"no {self.kind} evaluation for {type(m).__name__}")
 
     def stride_block(self, m: ResidualBlockWithStride) -> Fn:
+        """A ResidualBlockWithStride (only in the analysis transform, so unsupported unless a builder says so)."""
         return self.unsupported(m)
 
     @abstractmethod
@@ -689,10 +693,12 @@ class _ExactBuilder(_LayerWalker):
         return lambda x: _pixel_shuffle_nhwc(self._lin(lin, x), r)
 
     def depth_conv(self, m: DepthConv | PriorDepthConv, ffn: ConvFFN | PriorConvFFN | None = None) -> Fn:
+        """The DepthConv (see :meth:`_depth_conv`), then the FFN as its own closure (no fusion on this path)."""
         f = self._depth_conv(*_depth_conv_parts(m))
         return f if ffn is None else chain([f, self.ffn(ffn)])
 
     def conv2d(self, m: nn.Conv2d) -> Fn:
+        """Plain 1x1 convolutions as one exact GEMM, depthwise 3x3 and dense 3x3 by their exact kernels."""
         if m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1:
             lin = _XLin([m], self.dev)
             return lambda x: self._lin(lin, x)
