@@ -1,6 +1,7 @@
 """Small reference networks for the maskdecay tests and benchmarks.
 
-Plain PyTorch, no torchvision. Each factory returns a randomly initialised
+Plain PyTorch, no torchvision; the ResNet reuses the basic block of the ResNet example
+(``examples/resnet/models.py``). Each factory returns a randomly initialised
 ``nn.Module`` in eval mode (so BatchNorm uses its running statistics and a
 forward pass is deterministic); call ``.train()`` to train it. Every net takes
 ``3x32x32`` images, which keeps forward passes cheap on a CPU.
@@ -27,6 +28,10 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from example_packages import use_example_package
+
+use_example_package("resnet")
+from resnet.models import BasicBlock as _ExampleBasicBlock  # noqa: E402
 
 __all__ = [
     "resnet_cifar",
@@ -63,26 +68,11 @@ def _finish(model: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- ResNet
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block: conv3x3-BN-ReLU-conv3x3-BN, residual add, ReLU."""
+class BasicBlock(_ExampleBasicBlock):
+    """ResNet basic block of the ResNet example (conv3x3-BN-ReLU-conv3x3-BN, residual add, ReLU), with its 1x1
+    conv + BN shortcut stored as ``shortcut`` (the state-dict keys of these test networks)."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
-        self.relu = nn.ReLU(inplace=True)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+    shortcut_name = "shortcut"
 
 
 class ResNetCifar(nn.Module):

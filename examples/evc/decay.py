@@ -34,8 +34,9 @@ from .train import Dist, Hooks, RDObjective, _param_groups, add_common_args, run
 
 log = logging.getLogger(__name__)
 
-__all__ = ["student_spec", "attach_masks", "stage_plan", "DistillObjective", "decay_and_export", "run_decay",
-           "cmd_decay", "add_parser", "decay_overrides"]
+__all__ = ["student_spec", "attach_masks", "stage_plan", "DistillObjective", "prepare_run", "make_optimizer",
+           "finish_command", "decay_and_export", "run_decay", "cmd_decay", "add_parser", "add_decay_args",
+           "decay_overrides"]
 
 #: module index inside ``enc``/``dec`` -> stage (0 = C1 ... 2 = C3); the last stage (C4 = latent) is never pruned
 _STAGE = {"enc": {0: 0, 1: 0, 2: 1, 3: 1, 4: 2, 5: 2}, "dec": {1: 2, 2: 2, 3: 1, 4: 1, 5: 0, 6: 0}}
@@ -161,6 +162,38 @@ def _frozen(m: EVC) -> EVC:
     return m.eval()
 
 
+def prepare_run(cfg: Config, command: str) -> tuple[Any, Dist, EVC]:
+    """The common start of ``evc decay`` and ``evc rrl``: checks that a teacher is configured, sets up the
+    (distributed) device and the thread count, loads the frozen teacher. Returns (``cfg.decay``, Dist, teacher)."""
+    if cfg.decay is None or not cfg.decay.teacher:
+        raise ValueError(f"evc {command} needs a teacher checkpoint (--teacher or decay.teacher)")
+    d = setup_distributed(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    return cfg.decay, d, _frozen(load_model(cfg.decay.teacher, device=d.device))
+
+
+def make_optimizer(model: nn.Module, cfg: Config, state: dict[str, Any] | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of ``model`` with the config's settings, optionally restored from
+    ``state`` (an exported optimizer state)."""
+    opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                            betas=tuple(cfg.optim.betas))  # type: ignore[arg-type]
+    if state is not None:
+        opt.load_state_dict(state)
+    return opt
+
+
+def finish_command(done_message: str | None, out: str) -> int:
+    """The end of ``evc decay`` / ``evc rrl``: rank 0 prints ``done_message`` (None: stopped early, with how to
+    resume), the process group is closed; returns the exit code."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(done_message if done_message is not None
+              else f"stopped before the end; resume with --resume (outputs in {out})")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
 def decay_and_export(cfg: Config, model: EVC, teacher: EVC, masks: Any, plan: Any, phase_dir: str, d: Dist,
                      resume: bool, stop_after: int | None, progress: bool) -> tuple[Any, Any, dict] | None:
     """Run the decay phase on ``model`` (masked by ``masks``; only its trainable parameters are optimised), then
@@ -175,8 +208,7 @@ def decay_and_export(cfg: Config, model: EVC, teacher: EVC, masks: Any, plan: An
                   load_state=decay.load_state_dict,
                   log_extra=lambda: {"ceiling": decay.ceiling, "removed_max": decay.history["removed_max"][-1],
                                      "kept_min": decay.history["kept_min"][-1]})
-    opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                            betas=tuple(cfg.optim.betas))  # type: ignore[arg-type]
+    opt = make_optimizer(model, cfg)
     objective = DistillObjective(model, teacher, cfg.train.lambdas, cfg.train.quant, dc.distill_output,
                                  dc.distill_latent)
     summary = run_training(cfg, objective, phase_dir, d, steps=dc.steps, resume=resume, stop_after=stop_after,
@@ -223,13 +255,7 @@ def _decay_phase(cfg: Config, teacher: EVC, name: str, enc: tuple[int, ...], dec
 def run_decay(cfg: Config, out_dir: str, resume: bool = False, stop_after: int | None = None,
               progress: bool = True) -> dict[str, Any]:
     """The whole ``evc decay`` pipeline (see the module docstring); returns a summary."""
-    if cfg.decay is None or not cfg.decay.teacher:
-        raise ValueError("evc decay needs a teacher checkpoint (--teacher or decay.teacher)")
-    dc = cfg.decay
-    d = setup_distributed(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    teacher = _frozen(load_model(dc.teacher, device=d.device))
+    dc, d, teacher = prepare_run(cfg, "decay")
     name, enc, dec = student_spec(teacher, dc.student)
     exported_path = os.path.join(out_dir, "exported.pt")
     if resume and os.path.exists(exported_path):
@@ -244,9 +270,7 @@ def run_decay(cfg: Config, out_dir: str, resume: bool = False, stop_after: int |
     summary: dict[str, Any] = {"student": name, "done": True, "plan_ratio": ck["plan"]["macs"] / ck["plan"]["teacher_macs"]}
     if dc.finetune_steps:
         student.to(d.device).train()
-        opt = torch.optim.AdamW(_param_groups(student, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                betas=tuple(cfg.optim.betas))  # type: ignore[arg-type]
-        opt.load_state_dict(ck["optimizer"])
+        opt = make_optimizer(student, cfg, ck["optimizer"])
         torch.manual_seed(cfg.train.seed + 1 + 7919 * d.rank)
         objective = DistillObjective(student, teacher, cfg.train.lambdas, cfg.train.quant, dc.distill_output,
                                      dc.distill_latent)
@@ -267,13 +291,20 @@ def run_decay(cfg: Config, out_dir: str, resume: bool = False, stop_after: int |
 def add_parser(sub: Any) -> None:
     """Register ``evc decay`` on the CLI's subparsers."""
     p = sub.add_parser("decay", help="mask decay of a teacher into a smaller EVC student, then fine-tuning")
-    add_common_args(p)
-    p.add_argument("--teacher", default=None, help="teacher checkpoint (overrides decay.teacher)")
+    add_decay_args(p, "teacher checkpoint")
     p.add_argument("--student", default=None, help="EVC_ML, EVC_SL, EVC_LM, EVC_LS, EVC_MM, EVC_SS (decay.student)")
     p.add_argument("--regularizer", default=None, help="sparsity, l1, l2, hard, bn, group_lasso (decay.regularizer)")
-    p.add_argument("--steps", type=int, default=None, help="decay-phase steps (decay.steps)")
-    p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps (decay.finetune_steps)")
     p.set_defaults(handler=cmd_decay)
+
+
+def add_decay_args(p: argparse.ArgumentParser, teacher: str, per: str = "") -> None:
+    """The options ``evc decay`` and ``evc rrl`` share: the common training ones, ``--teacher`` (described as
+    ``teacher``), ``--steps`` and ``--finetune-steps`` (``per``: e.g. " per level"); each overrides its ``decay.*``
+    key (see :func:`decay_overrides`)."""
+    add_common_args(p)
+    p.add_argument("--teacher", default=None, help=f"{teacher} (overrides decay.teacher)")
+    p.add_argument("--steps", type=int, default=None, help=f"decay-phase steps{per} (decay.steps)")
+    p.add_argument("--finetune-steps", type=int, default=None, help=f"fine-tuning steps{per} (decay.finetune_steps)")
 
 
 def decay_overrides(args: argparse.Namespace, keys: Sequence[str]) -> list[str]:
@@ -291,12 +322,5 @@ def cmd_decay(args: argparse.Namespace) -> int:
         raise ValueError("the config has no 'decay' section and no --teacher was given")
     summary = run_decay(cfg, args.out, resume=args.resume, stop_after=args.stop_after,
                         progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:
-        if summary["done"]:
-            print(f"student {summary['student']} ({summary['plan_ratio']:.1%} of the teacher's transform MACs) "
-                  f"written to {summary['path']}")
-        else:
-            print(f"stopped before the end; resume with --resume (outputs in {args.out})")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    return finish_command(f"student {summary['student']} ({summary['plan_ratio']:.1%} of the teacher's transform "
+                          f"MACs) written to {summary['path']}" if summary["done"] else None, args.out)

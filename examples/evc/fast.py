@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Sequence
+from abc import ABC, abstractmethod
+from typing import Callable, NamedTuple, NoReturn, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,11 +103,121 @@ def _pixel_shuffle_nhwc(x: torch.Tensor, r: int) -> torch.Tensor:
     return x.view(b, h, w, r, r, co).permute(0, 1, 3, 2, 4, 5).reshape(b, h * r, w * r, co)
 
 
+class _DepthConvParts(NamedTuple):
+    """The layers of a DepthConv of either flavour; a slope is None where the flavour has no activation."""
+
+    conv1: nn.Conv2d
+    s1: float
+    dwc: nn.Conv2d
+    s_dw: float | None
+    conv2: nn.Conv2d
+    s2: float | None
+    adaptor: nn.Module | None
+
+
+def _depth_conv_parts(m: DepthConv | PriorDepthConv) -> _DepthConvParts:
+    """Split a DepthConv into its convolutions and activation slopes (the prior flavour has bare dw and 1x1)."""
+    if isinstance(m, PriorDepthConv):
+        return _DepthConvParts(m.conv1[0], m.conv1[1].negative_slope, m.depth_conv, None, m.conv2, None, m.adaptor)
+    return _DepthConvParts(m.conv1[0], m.conv1[1].negative_slope, m.depth_conv[0], m.depth_conv[1].negative_slope,
+                           m.conv2[0], m.conv2[1].negative_slope, m.adaptor)
+
+
+def _ffn_parts(m: ConvFFN | PriorConvFFN) -> tuple[nn.Conv2d, nn.Conv2d, float | None, float | None]:
+    """The two 1x1 convolutions of an FFN and the slopes of its two activations (None: ReLU)."""
+    if isinstance(m, PriorConvFFN):
+        return m.conv[0], m.conv[2], m.conv[1].negative_slope, m.conv[3].negative_slope
+    return m.conv[0], m.conv[2], None, None
+
+
+class _LayerWalker(ABC):
+    """The walk over an EVC module tree shared by the float and the exact builder: blocks are unwrapped, two pairs
+    of consecutive layers in an ``nn.Sequential`` are handed over together (a 1x1 conv followed by a PixelShuffle; a
+    DepthConv followed by its FFN), activations are built here, every other layer by the builder's method for its
+    type. Each method returns an NHWC closure."""
+
+    #: the builder's name in "no ... evaluation for X" errors
+    kind: str
+
+    def module(self, m: nn.Module) -> Fn:
+        """The NHWC closure of any supported EVC module."""
+        if isinstance(m, nn.Sequential):
+            return self.sequential(m)
+        if isinstance(m, (DepthConvBlock, PriorDepthConvBlock, PriorDepthConvBlockUpsample)):
+            return self.module(m.block)
+        if isinstance(m, (DepthConv, PriorDepthConv)):
+            return self.depth_conv(m)
+        if isinstance(m, (ConvFFN, PriorConvFFN)):
+            return self.ffn(m)
+        if isinstance(m, ResidualBlockWithStride):
+            return self.stride_block(m)
+        if isinstance(m, ResidualBlockUpsample):
+            return self.upsample_block(m)
+        if isinstance(m, nn.Conv2d):
+            return self.conv2d(m)
+        if isinstance(m, nn.LeakyReLU):
+            s = m.negative_slope
+            return lambda x: F.leaky_relu(x, s)
+        if isinstance(m, nn.ReLU):
+            return torch.relu
+        return self.unsupported(m)
+
+    def sequential(self, m: nn.Sequential) -> Fn:
+        """The chain of the children's closures, the two fusable pairs built together."""
+        items = list(m)
+        fns: list[Fn] = []
+        i = 0
+        while i < len(items):
+            c = items[i]
+            nxt = items[i + 1] if i + 1 < len(items) else None
+            if isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1) and c.groups == 1 \
+                    and isinstance(nxt, nn.PixelShuffle):
+                fns.append(self.shuffled_conv1x1(c, nxt.upscale_factor))
+                i += 2
+            elif isinstance(c, (DepthConv, PriorDepthConv)) and isinstance(nxt, (ConvFFN, PriorConvFFN)):
+                fns.append(self.depth_conv(c, nxt))
+                i += 2
+            else:
+                fns.append(self.module(c))
+                i += 1
+        return chain(fns)
+
+    def unsupported(self, m: nn.Module) -> NoReturn:
+        """Raise ``NotImplementedError`` for a layer this builder cannot evaluate."""
+        raise NotImplementedError(f"no {self.kind} evaluation for {type(m).__name__}")
+
+    def stride_block(self, m: ResidualBlockWithStride) -> Fn:
+        """A ResidualBlockWithStride (only in the analysis transform, so unsupported unless a builder says so)."""
+        return self.unsupported(m)
+
+    @abstractmethod
+    def shuffled_conv1x1(self, conv: nn.Conv2d, r: int) -> Fn:
+        """A 1x1 convolution followed by ``PixelShuffle(r)``."""
+
+    @abstractmethod
+    def depth_conv(self, m: DepthConv | PriorDepthConv, ffn: ConvFFN | PriorConvFFN | None = None) -> Fn:
+        """A DepthConv, followed by ``ffn`` when given."""
+
+    @abstractmethod
+    def ffn(self, m: ConvFFN | PriorConvFFN) -> Fn:
+        """An FFN alone."""
+
+    @abstractmethod
+    def upsample_block(self, m: ResidualBlockUpsample) -> Fn:
+        """A ResidualBlockUpsample."""
+
+    @abstractmethod
+    def conv2d(self, m: nn.Conv2d) -> Fn:
+        """Any other convolution."""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # float transforms
 # ---------------------------------------------------------------------------------------------------------------
-class _FloatBuilder:
+class _FloatBuilder(_LayerWalker):
     """Turns EVC transform modules into NHWC closures with weights prepared once."""
+
+    kind = "fast"
 
     def __init__(self, dtype: torch.dtype, device: torch.device, band_bytes: int) -> None:
         self.dtype = dtype
@@ -142,11 +253,14 @@ class _FloatBuilder:
         per_px = widest * (torch.finfo(self.dtype).bits // 8)
         return n if not _use_bands(n * per_px, self.band_bytes) else max(256, self.band_bytes // per_px)
 
-    def ffn_rows(self, convs: Sequence[nn.Conv2d], slope: float | None) -> tuple[Callable[..., torch.Tensor], int]:
-        """Per-pixel ``x + act(W2 act(W1 x + b1) + b2)`` on (pixels, C) rows (act = ReLU if slope is None, else
-        LeakyReLU(slope)); returns the function and the hidden width."""
-        w1, b1 = self.lin_params(convs[0])
-        w2, b2 = self.lin_params(convs[1])
+    def ffn_rows(self, m: ConvFFN | PriorConvFFN) -> tuple[Callable[..., torch.Tensor], int]:
+        """Per-pixel ``x + act(W2 act(W1 x + b1) + b2)`` on (pixels, C) rows (act = ReLU, or the prior flavour's
+        LeakyReLU); returns the function and the hidden width."""
+        c1, c2, slope, slope2 = _ffn_parts(m)
+        if slope != slope2:
+            raise NotImplementedError("prior FFN with two different slopes")
+        w1, b1 = self.lin_params(c1)
+        w2, b2 = self.lin_params(c2)
 
         def act(t: torch.Tensor) -> torch.Tensor:
             return torch.relu_(t) if slope is None else F.leaky_relu_(t, slope)
@@ -160,22 +274,18 @@ class _FloatBuilder:
         """Split a DepthConv into a spatial head ``x -> (t, identity)`` (1x1, activation, depthwise 3x3 [+ activation])
         and a per-pixel tail ``(t, identity) -> out`` (1x1 [+ activation] + identity). Prior flavour: the depthwise
         bias is folded into the second 1x1 (no activation in between)."""
-        prior = isinstance(m, PriorDepthConv)
-        s1 = m.conv1[1].negative_slope
-        w1, b1 = self.lin_params(m.conv1[0])
-        dwc = m.depth_conv if prior else m.depth_conv[0]
-        s_dw = None if prior else m.depth_conv[1].negative_slope
-        c2 = m.conv2 if prior else m.conv2[0]
-        s2 = None if prior else m.conv2[1].negative_slope
+        c1, s1, dwc, s_dw, c2, s2, adaptor = _depth_conv_parts(m)
+        fold_dw_bias = s_dw is None
+        w1, b1 = self.lin_params(c1)
         dw_w = self._t(dwc.weight).contiguous(memory_format=torch.channels_last)
-        dw_b = None if prior else self._t(dwc.bias)
+        dw_b = None if fold_dw_bias else self._t(dwc.bias)
         stride, pad, groups = dwc.stride, dwc.padding, dwc.groups
         w2_64 = c2.weight.detach().to(torch.float64).flatten(1)
         b2_64 = c2.bias.detach().to(torch.float64)
-        if prior:
+        if fold_dw_bias:
             b2_64 = b2_64 + w2_64 @ dwc.bias.detach().to(torch.float64)
         w2, b2 = self._t(w2_64).contiguous(), self._t(b2_64)
-        ad = self.module(m.adaptor) if m.adaptor is not None else None
+        ad = self.module(adaptor) if adaptor is not None else None
 
         def head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             t = F.leaky_relu_(F.linear(x, w1, b1), s1)
@@ -203,9 +313,9 @@ class _FloatBuilder:
             rows_fn(*[f[s:s + step] for f in flats], out=out[s:s + step])
         return out.view(*shape[:-1], c_out)
 
-    def ffn(self, convs: Sequence[nn.Conv2d], slope: float | None) -> Fn:
-        """A ConvFFN alone, in row bands."""
-        rows, hidden = self.ffn_rows(convs, slope)
+    def ffn(self, m: ConvFFN | PriorConvFFN) -> Fn:
+        """An FFN alone, in row bands."""
+        rows, hidden = self.ffn_rows(m)
         return lambda x: self._banded(rows, [x], x.shape[-1], hidden)
 
     def depth_conv(self, m: DepthConv | PriorDepthConv, ffn: ConvFFN | PriorConvFFN | None = None) -> Fn:
@@ -217,10 +327,7 @@ class _FloatBuilder:
                 return out.copy_(tail(t, ident))
             widest = c_out
         else:
-            slope = None if isinstance(ffn, ConvFFN) else ffn.conv[1].negative_slope
-            if isinstance(ffn, PriorConvFFN) and ffn.conv[1].negative_slope != ffn.conv[3].negative_slope:
-                raise NotImplementedError("prior FFN with two different slopes")
-            f_rows, widest = self.ffn_rows([ffn.conv[0], ffn.conv[2]], slope)
+            f_rows, widest = self.ffn_rows(ffn)
 
             def tail_rows(t: torch.Tensor, ident: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
                 return f_rows(tail(t, ident), out=out)
@@ -262,53 +369,17 @@ class _FloatBuilder:
             return F.leaky_relu_(cv(main), s2).add_(skip)
         return f
 
-    def module(self, m: nn.Module) -> Fn:
-        if isinstance(m, nn.Sequential):
-            items = list(m)
-            fns: list[Fn] = []
-            i = 0
-            while i < len(items):
-                c = items[i]
-                nxt = items[i + 1] if i + 1 < len(items) else None
-                if isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1) and c.groups == 1 \
-                        and isinstance(nxt, nn.PixelShuffle):
-                    r = nxt.upscale_factor
-                    w, b = self.lin_params(c, _ps_rows(r, c.out_channels // (r * r)))
-                    fns.append(lambda x, w=w, b=b, r=r: _pixel_shuffle_nhwc(F.linear(x, w, b), r))
-                    i += 2
-                    continue
-                if isinstance(c, (DepthConv, PriorDepthConv)) and isinstance(nxt, (ConvFFN, PriorConvFFN)):
-                    fns.append(self.depth_conv(c, nxt))
-                    i += 2
-                    continue
-                fns.append(self.module(c))
-                i += 1
-            return chain(fns)
-        if isinstance(m, (DepthConvBlock, PriorDepthConvBlock, PriorDepthConvBlockUpsample)):
-            return self.module(m.block)
-        if isinstance(m, (DepthConv, PriorDepthConv)):
-            return self.depth_conv(m)
-        if isinstance(m, ConvFFN):
-            return self.ffn([m.conv[0], m.conv[2]], None)
-        if isinstance(m, PriorConvFFN):
-            if m.conv[1].negative_slope != m.conv[3].negative_slope:
-                raise NotImplementedError("prior FFN with two different slopes")
-            return self.ffn([m.conv[0], m.conv[2]], m.conv[1].negative_slope)
-        if isinstance(m, ResidualBlockWithStride):
-            return self.stride_block(m)
-        if isinstance(m, ResidualBlockUpsample):
-            return self.upsample_block(m)
-        if isinstance(m, nn.Conv2d):
-            if m.kernel_size == (1, 1) and m.groups == 1 and m.stride == (1, 1):
-                w, b = self.lin_params(m)
-                return lambda x: F.linear(x, w, b)
-            return self.conv(m)
-        if isinstance(m, nn.LeakyReLU):
-            s = m.negative_slope
-            return lambda x: F.leaky_relu(x, s)
-        if isinstance(m, nn.ReLU):
-            return torch.relu
-        raise NotImplementedError(f"no fast evaluation for {type(m).__name__}")
+    def shuffled_conv1x1(self, conv: nn.Conv2d, r: int) -> Fn:
+        """The 1x1 conv emits (i, j, c) order, so the NHWC pixel shuffle moves whole channel vectors."""
+        w, b = self.lin_params(conv, _ps_rows(r, conv.out_channels // (r * r)))
+        return lambda x: _pixel_shuffle_nhwc(F.linear(x, w, b), r)
+
+    def conv2d(self, m: nn.Conv2d) -> Fn:
+        """Plain 1x1 convolutions as one GEMM, the others through oneDNN/cuDNN."""
+        if m.kernel_size == (1, 1) and m.groups == 1 and m.stride == (1, 1):
+            w, b = self.lin_params(m)
+            return lambda x: F.linear(x, w, b)
+        return self.conv(m)
 
 
 class _Runner:
@@ -606,59 +677,34 @@ class _XConv3:
         return out.mul_(self.scale_w).mul_(pow2(e)).add_(self.bias)
 
 
-class _ExactBuilder:
+class _ExactBuilder(_LayerWalker):
     """NHWC closures mirroring :func:`evc.exact._compile` operation for operation (every rounding elementwise
     operation in the same order on the same operands; in-place where the operand is a fresh temporary)."""
+
+    kind = "exact"
 
     def __init__(self, device: torch.device, band_bytes: int) -> None:
         self.dev = device
         self.band_bytes = band_bytes
 
-    def module(self, m: nn.Module) -> Fn:
-        if isinstance(m, nn.Sequential):
-            items = list(m)
-            fns: list[Fn] = []
-            i = 0
-            while i < len(items):
-                c = items[i]
-                nxt = items[i + 1] if i + 1 < len(items) else None
-                if isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1) and isinstance(nxt, nn.PixelShuffle):
-                    r = nxt.upscale_factor
-                    lin = _XLin([c], self.dev, [_ps_rows(r, c.out_channels // (r * r))])
-                    fns.append(lambda x, lin=lin, r=r: _pixel_shuffle_nhwc(self._lin(lin, x), r))
-                    i += 2
-                    continue
-                fns.append(self.module(c))
-                i += 1
-            return chain(fns)
-        if isinstance(m, (PriorDepthConvBlock, PriorDepthConvBlockUpsample, DepthConvBlock)):
-            return self.module(m.block)
-        if isinstance(m, PriorDepthConv):
-            return self._depth_conv(m.conv1[0], m.conv1[1].negative_slope, m.depth_conv, None, m.conv2, None,
-                                    m.adaptor)
-        if isinstance(m, DepthConv):
-            return self._depth_conv(m.conv1[0], m.conv1[1].negative_slope, m.depth_conv[0],
-                                    m.depth_conv[1].negative_slope, m.conv2[0], m.conv2[1].negative_slope,
-                                    m.adaptor)
-        if isinstance(m, PriorConvFFN):
-            return self._ffn(m.conv[0], m.conv[2], m.conv[1].negative_slope, m.conv[3].negative_slope)
-        if isinstance(m, ConvFFN):
-            return self._ffn(m.conv[0], m.conv[2], None, None)
-        if isinstance(m, ResidualBlockUpsample):
-            return self._upsample(m)
-        if isinstance(m, nn.Conv2d):
-            if m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1:
-                lin = _XLin([m], self.dev)
-                return lambda x: self._lin(lin, x)
-            if m.groups > 1 and m.groups == m.in_channels:
-                return _XDW(m, self.dev)
-            return _XConv3(m, self.dev, self.band_bytes)
-        if isinstance(m, nn.LeakyReLU):
-            s = m.negative_slope
-            return lambda x: F.leaky_relu(x, s)
-        if isinstance(m, nn.ReLU):
-            return torch.relu
-        raise NotImplementedError(f"no exact evaluation for {type(m).__name__}")
+    def shuffled_conv1x1(self, conv: nn.Conv2d, r: int) -> Fn:
+        """The 1x1 conv emits (i, j, c) order, so the NHWC pixel shuffle moves whole channel vectors."""
+        lin = _XLin([conv], self.dev, [_ps_rows(r, conv.out_channels // (r * r))])
+        return lambda x: _pixel_shuffle_nhwc(self._lin(lin, x), r)
+
+    def depth_conv(self, m: DepthConv | PriorDepthConv, ffn: ConvFFN | PriorConvFFN | None = None) -> Fn:
+        """The DepthConv (see :meth:`_depth_conv`), then the FFN as its own closure (no fusion on this path)."""
+        f = self._depth_conv(*_depth_conv_parts(m))
+        return f if ffn is None else chain([f, self.ffn(ffn)])
+
+    def conv2d(self, m: nn.Conv2d) -> Fn:
+        """Plain 1x1 convolutions as one exact GEMM, depthwise 3x3 and dense 3x3 by their exact kernels."""
+        if m.kernel_size == (1, 1) and m.stride == (1, 1) and m.groups == 1:
+            lin = _XLin([m], self.dev)
+            return lambda x: self._lin(lin, x)
+        if m.groups > 1 and m.groups == m.in_channels:
+            return _XDW(m, self.dev)
+        return _XConv3(m, self.dev, self.band_bytes)
 
     def _lin(self, lin: _XLin, x: torch.Tensor) -> torch.Tensor:
         return _pixels_banded(lin.rows, x, lin.out_channels, (lin.fan_in + lin.out_channels) * 8, self.band_bytes)
@@ -696,8 +742,9 @@ class _ExactBuilder:
             return out
         return f
 
-    def _ffn(self, c1: nn.Conv2d, c2: nn.Conv2d, sa: float | None, sb: float | None) -> Fn:
+    def ffn(self, m: ConvFFN | PriorConvFFN) -> Fn:
         """ExactNet: ``x + act(l2(act(l1(x))))``, in bands of pixels."""
+        c1, c2, sa, sb = _ffn_parts(m)
         l1, l2 = _XLin([c1], self.dev), _XLin([c2], self.dev)
 
         def rows(xf: torch.Tensor) -> torch.Tensor:
@@ -706,7 +753,7 @@ class _ExactBuilder:
         per_px = (l1.fan_in + 2 * l1.out_channels + l2.out_channels) * 8
         return lambda x: _pixels_banded(rows, x, l2.out_channels, per_px, self.band_bytes)
 
-    def _upsample(self, m: ResidualBlockUpsample) -> Fn:
+    def upsample_block(self, m: ResidualBlockUpsample) -> Fn:
         """ExactNet: ``lrelu(cv(lrelu(ps(sp(x)), s1)), s2) + ps(up(x))``; sp and up share one GEMM."""
         r = m.subpel_conv[1].upscale_factor
         if m.upsample[1].upscale_factor != r:

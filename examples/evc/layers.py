@@ -76,26 +76,55 @@ class ResidualBlockUpsample(nn.Module):
         return out + self.upsample(x)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# transform flavour (analysis / synthesis)
-# ---------------------------------------------------------------------------------------------------------------
-class DepthConv(nn.Module):
-    """1x1 conv + LReLU(0.01), 3x3 depthwise + LReLU(0.01), 1x1 conv + LReLU(0.01), residual add."""
+def _adaptor(cin: int, cout: int, stride: int) -> nn.Module | None:
+    """The skip branch of a DepthConv: 2x2/s2 conv when downsampling, 1x1 conv when the widths differ, else none."""
+    if stride == 2:
+        return nn.Conv2d(cin, cout, kernel_size=2, stride=2)
+    if cin != cout:
+        return conv1x1(cin, cout)
+    return None
 
-    def __init__(self, cin: int, cout: int, stride: int = 1, slope: float = 0.01) -> None:
+
+class _ResidualDepthConv(nn.Module):
+    """``conv2(depth_conv(conv1(x))) + identity`` (identity through ``adaptor`` when given); the two flavours below
+    differ only in the modules they pass in."""
+
+    def __init__(self, conv1: nn.Module, depth_conv: nn.Module, conv2: nn.Module, adaptor: nn.Module | None) -> None:
         super().__init__()
-        self.conv1 = nn.Sequential(conv1x1(cin, cin), nn.LeakyReLU(slope))
-        self.depth_conv = nn.Sequential(conv3x3(cin, cin, stride=stride, groups=cin), nn.LeakyReLU(slope))
-        self.conv2 = nn.Sequential(conv1x1(cin, cout), nn.LeakyReLU(slope))
-        self.adaptor: nn.Module | None = None
-        if stride == 2:
-            self.adaptor = nn.Conv2d(cin, cout, kernel_size=2, stride=2)
-        elif cin != cout:
-            self.adaptor = conv1x1(cin, cout)
+        self.conv1 = conv1
+        self.depth_conv = depth_conv
+        self.conv2 = conv2
+        self.adaptor = adaptor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.adaptor is None else self.adaptor(x)
         return self.conv2(self.depth_conv(self.conv1(x))) + identity
+
+
+class _Block(nn.Module):
+    """Runs ``block``, an ``nn.Sequential`` of the given modules (keys ``block.0.*``, ``block.1.*``, ...)."""
+
+    def __init__(self, *modules: nn.Module) -> None:
+        super().__init__()
+        self.block = nn.Sequential(*modules)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transform flavour (analysis / synthesis)
+# ---------------------------------------------------------------------------------------------------------------
+class DepthConv(_ResidualDepthConv):
+    """1x1 conv + LReLU(0.01), 3x3 depthwise + LReLU(0.01), 1x1 conv + LReLU(0.01), residual add."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, slope: float = 0.01) -> None:
+        super().__init__(
+            nn.Sequential(conv1x1(cin, cin), nn.LeakyReLU(slope)),
+            nn.Sequential(conv3x3(cin, cin, stride=stride, groups=cin), nn.LeakyReLU(slope)),
+            nn.Sequential(conv1x1(cin, cout), nn.LeakyReLU(slope)),
+            _adaptor(cin, cout, stride),
+        )
 
 
 class ConvFFN(nn.Module):
@@ -109,15 +138,11 @@ class ConvFFN(nn.Module):
         return x + self.conv(x)
 
 
-class DepthConvBlock(nn.Module):
+class DepthConvBlock(_Block):
     """Transform-flavour DepthConv followed by ConvFFN (keys ``block.0.*``, ``block.1.*``)."""
 
     def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.block = nn.Sequential(DepthConv(cin, cout), ConvFFN(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+        super().__init__(DepthConv(cin, cout), ConvFFN(cout))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,24 +153,17 @@ def prior_ffn_hidden(c: int) -> int:
     return max(min(4 * c, 1024), 2 * c)
 
 
-class PriorDepthConv(nn.Module):
+class PriorDepthConv(_ResidualDepthConv):
     """1x1 conv + LReLU(0.01), bare 3x3 depthwise, bare 1x1 conv, residual add (1x1 adaptor when widths differ)."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1, slope: float = 0.01) -> None:
-        super().__init__()
+        super().__init__(
+            nn.Sequential(conv1x1(cin, cin), nn.LeakyReLU(slope)),
+            conv3x3(cin, cin, stride=stride, groups=cin),
+            conv1x1(cin, cout),
+            _adaptor(cin, cout, stride),
+        )
         self.slope = slope
-        self.conv1 = nn.Sequential(conv1x1(cin, cin), nn.LeakyReLU(slope))
-        self.depth_conv = conv3x3(cin, cin, stride=stride, groups=cin)
-        self.conv2 = conv1x1(cin, cout)
-        self.adaptor: nn.Module | None = None
-        if stride == 2:
-            self.adaptor = nn.Conv2d(cin, cout, kernel_size=2, stride=2)
-        elif cin != cout:
-            self.adaptor = conv1x1(cin, cout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.adaptor is None else self.adaptor(x)
-        return self.conv2(self.depth_conv(self.conv1(x))) + identity
 
 
 class PriorConvFFN(nn.Module):
@@ -161,25 +179,15 @@ class PriorConvFFN(nn.Module):
         return x + self.conv(x)
 
 
-class PriorDepthConvBlock(nn.Module):
+class PriorDepthConvBlock(_Block):
     """Prior-flavour DepthConv + ConvFFN."""
 
     def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.block = nn.Sequential(PriorDepthConv(cin, cout), PriorConvFFN(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+        super().__init__(PriorDepthConv(cin, cout), PriorConvFFN(cout))
 
 
-class PriorDepthConvBlockUpsample(nn.Module):
+class PriorDepthConvBlockUpsample(_Block):
     """Prior-flavour DepthConv + ConvFFN + 1x1 conv (out -> 4 out) + PixelShuffle(2)."""
 
     def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.block = nn.Sequential(
-            PriorDepthConv(cin, cout), PriorConvFFN(cout), conv1x1(cout, 4 * cout), nn.PixelShuffle(2)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+        super().__init__(PriorDepthConv(cin, cout), PriorConvFFN(cout), conv1x1(cout, 4 * cout), nn.PixelShuffle(2))

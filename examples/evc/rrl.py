@@ -24,13 +24,13 @@ import os
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .config import Config, load_config
-from .decay import DistillObjective, _frozen, attach_masks, decay_and_export, decay_overrides, stage_plan
+from .decay import (DistillObjective, _frozen, add_decay_args, attach_masks, decay_and_export, decay_overrides,
+                    finish_command, make_optimizer, prepare_run, stage_plan)
 from .models import EVC, WIDTHS, ScalableEVC, build_model, load_model, save_model
-from .train import _param_groups, add_common_args, run_training, setup_distributed
+from .train import run_training
 
 __all__ = ["scalable_name", "ResidualCandidate", "run_rrl", "add_parser", "cmd_rrl"]
 
@@ -79,13 +79,7 @@ def run_rrl(cfg: Config, base_path: str, out_dir: str, resume: bool = False, sto
     """Build the scalable model level by level (see the module docstring); returns a summary."""
     import maskdecay as md
 
-    if cfg.decay is None or not cfg.decay.teacher:
-        raise ValueError("evc rrl needs a teacher checkpoint (--teacher or decay.teacher)")
-    dc = cfg.decay
-    d = setup_distributed(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    teacher = _frozen(load_model(dc.teacher, device=d.device))
+    dc, d, teacher = prepare_run(cfg, "rrl")
     base = _frozen(load_model(base_path, device=d.device))
     name = scalable_name(base)
     if base.N != teacher.N or any(b > t for b, t in zip(base.enc_widths, teacher.enc_widths)):
@@ -110,9 +104,7 @@ def run_rrl(cfg: Config, base_path: str, out_dir: str, resume: bool = False, sto
             ck = torch.load(exported, map_location="cpu", weights_only=True)
             comp = _composite(base.enc_widths, base, ck["encoder"])
             comp.enc.register_forward_hook(ResidualCandidate(previous))
-            opt = torch.optim.AdamW(_param_groups(comp, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                    betas=tuple(cfg.optim.betas))  # type: ignore[arg-type]
-            opt.load_state_dict(ck["optimizer"])
+            opt = make_optimizer(comp, cfg, ck["optimizer"])
         else:
             comp = _composite(teacher.enc_widths, base, teacher_enc)
             comp.enc.register_forward_hook(ResidualCandidate(previous))
@@ -147,11 +139,8 @@ def run_rrl(cfg: Config, base_path: str, out_dir: str, resume: bool = False, sto
 def add_parser(sub: Any) -> None:
     """Register ``evc rrl`` on the CLI's subparsers."""
     p = sub.add_parser("rrl", help="scalable encoder (Scale_EVC_SS/SL) by residual representation learning")
-    add_common_args(p)
-    p.add_argument("--teacher", default=None, help="large teacher checkpoint (EVC_LL; overrides decay.teacher)")
+    add_decay_args(p, "large EVC_LL teacher checkpoint", per=" per level")
     p.add_argument("--base", required=True, help="single-encoder student with an S encoder (EVC_SS or EVC_SL)")
-    p.add_argument("--steps", type=int, default=None, help="decay steps per level (decay.steps)")
-    p.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per level")
     p.set_defaults(handler=cmd_rrl)
 
 
@@ -161,9 +150,4 @@ def cmd_rrl(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, sets)
     summary = run_rrl(cfg, args.base, args.out, resume=args.resume, stop_after=args.stop_after,
                       progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{summary['arch']} written to {summary['path']}" if summary["done"]
-              else f"stopped before the end; resume with --resume (outputs in {args.out})")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
+    return finish_command(f"{summary['arch']} written to {summary['path']}" if summary["done"] else None, args.out)

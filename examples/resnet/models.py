@@ -7,6 +7,7 @@ Torch-Pruning's CIFAR ResNet-56), so that every channel of a stage can be pruned
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -15,7 +16,13 @@ WIDTHS: tuple[int, int, int] = (16, 32, 64)
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU."""
+    """conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU.
+
+    The shortcut (identity, or 1x1 conv + BN where the block changes shape) is the submodule named
+    :attr:`shortcut_name`, which is also its state-dict key; a subclass may store it under another name (the test
+    networks in ``tests/nets.py`` use ``shortcut``)."""
+
+    shortcut_name: ClassVar[str] = "downsample"
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
         super().__init__()
@@ -24,14 +31,15 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample: nn.Module = nn.Identity()
+        shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_ch != out_ch:
-            self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+            shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+        self.add_module(self.shortcut_name, shortcut)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.downsample(x))
+        return self.relu(out + getattr(self, self.shortcut_name)(x))
 
 
 class CifarResNet(nn.Module):
