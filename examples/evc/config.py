@@ -150,6 +150,7 @@ class DecayConfig:
     schedule: str = "cosine"           #: decay schedule: linear, cosine, exp, step
     importance: str = "l1"             #: which channels the student keeps: l1, l2, taylor
     mask_lr: float = 0.05
+    mask_grad_clip: float = 0.0        #: clip mask gradients to +-this before each mask step (0 = off; see docs)
     steps: int = 1000                  #: decay-phase steps (masks reach 0 at the end)
     finetune_steps: int = 1000         #: plain student training after export
     distill_output: float = 1.0        #: weight of lambda*255^2*MSE(student x_hat, teacher x_hat)
@@ -167,8 +168,10 @@ class DecayConfig:
             raise ValueError(f"decay.importance must be l1, l2 or taylor, got {self.importance!r}")
         if self.steps < 1 or self.finetune_steps < 0:
             raise ValueError("decay.steps must be >= 1 and decay.finetune_steps >= 0")
-        if self.strength < 0 or self.mask_lr <= 0 or self.distill_output < 0 or self.distill_latent < 0:
-            raise ValueError("decay.strength, distill_output and distill_latent must be >= 0 and mask_lr > 0")
+        if (self.strength < 0 or self.mask_lr <= 0 or self.distill_output < 0 or self.distill_latent < 0
+                or self.mask_grad_clip < 0):
+            raise ValueError("decay.strength, mask_grad_clip, distill_output and distill_latent must be >= 0 and "
+                             "mask_lr > 0")
 
 
 @dataclass

@@ -203,7 +203,7 @@ def decay_and_export(cfg: Config, model: EVC, teacher: EVC, masks: Any, plan: An
 
     dc = cfg.decay
     decay = md.MaskDecay(masks, plan, steps=dc.steps, schedule=dc.schedule, regularizer=_regularizer(dc),
-                         mask_lr=dc.mask_lr)
+                         mask_lr=dc.mask_lr, mask_grad_clip=dc.mask_grad_clip or None)
     hooks = Hooks(penalty=decay.penalty, after_step=decay.step, state=decay.state_dict,
                   load_state=decay.load_state_dict,
                   log_extra=lambda: {"ceiling": decay.ceiling, "removed_max": decay.history["removed_max"][-1],
