@@ -410,6 +410,9 @@ def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = N
     curr_q = _curr_q64(model, rate.q_scale)
     y2 = y.to(torch.float64) / curr_q
     z_hat = torch.round(eng.hyper_enc(y2.to(torch.float32))).to(torch.float64)
+    if not (bool(torch.isfinite(y2).all()) and bool(torch.isfinite(z_hat).all())):
+        raise ValueError("the model's latents are not finite (NaN or inf): these weights cannot code an image "
+                         "(a diverged or corrupted checkpoint)")
     _sync(dev)
     t1 = time.perf_counter()
     times["analysis"] = t1 - t0

@@ -192,6 +192,10 @@ def test_stream_errors(tmp_path, model):
     other = evc.build_model("EVC_SS")
     with pytest.raises(bs.BitstreamError, match="use the encoder's checkpoint"):
         evc.decompress(other, data)
+    with torch.no_grad():
+        next(other.enc.parameters()).fill_(float("nan"))  # a diverged checkpoint: refused, not coded
+    with pytest.raises(ValueError, match="not finite"):
+        evc.compress(other, x, evc.select_rate(other, rate_index=0))
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys, ckpt):
