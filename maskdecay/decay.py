@@ -87,7 +87,8 @@ class MaskDecay:
         self._traced = self._pick_traces()
         self.history: dict[str, Any] = {
             "regularizer": self.regularizer.config(), "schedule": self.schedule_name, "steps": steps,
-            "mask_lr": self.mask_lr, "mask_grad_clip": self.mask_grad_clip, "plan_ratio": plan.ratio, "step": [], "ceiling": [], "penalty": [],
+            "mask_lr": self.mask_lr, "mask_grad_clip": self.mask_grad_clip, "plan_ratio": plan.ratio,
+            "step": [], "ceiling": [], "penalty": [],
             "removed_mean": [], "removed_max": [], "kept_mean": [], "kept_min": [], "removed_effective": [],
             "traces": {label: [] for label, _, _ in self._traced}, "cut_jump": None}
         self._last_penalty = 0.0

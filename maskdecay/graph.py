@@ -25,6 +25,8 @@ from torch.overrides import TorchFunctionMode
 from torch_pruning import _helpers, ops
 from torch_pruning.dependency import index_mapping
 
+from .macs import to_model_device
+
 log = logging.getLogger(__name__)
 
 #: Per-channel layers whose output the mask may follow (mask after the norm, so the norm cannot undo it).
@@ -214,6 +216,7 @@ def find_groups(model: nn.Module, example_inputs: Any, ignored_layers: Sequence[
     (grouped non-depthwise convs, LayerNorm over channels, attention, recurrent layers, bare parameters).
     """
     was_training = model.training
+    example_inputs = to_model_device(example_inputs, model)
     with torch.enable_grad(), _ConcatSizes() as cat_sizes:
         graph = tp.DependencyGraph().build_dependency(
             model, example_inputs, forward_fn=forward_fn, output_transform=output_transform, verbose=False)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .graph import Group, _is_depthwise, find_groups
-from .macs import MacModel, count_layer_macs, to_model_device
+from .macs import MacModel, count_layer_macs
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,6 @@ class ChannelMasks:
         names = {m: n for n, m in model.named_modules()}
         self.ignored_names = [names[m] for m in ignored_layers if m in names]
         self.input_spec = _input_spec(example_inputs)
-        example_inputs = to_model_device(example_inputs, model)
         self.groups: list[Group] = find_groups(model, example_inputs, ignored_layers, forward_fn, output_transform)
         if not self.groups:
             raise ValueError(

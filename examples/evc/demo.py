@@ -13,7 +13,6 @@ import math
 import os
 import sys
 import time
-import warnings
 
 from .cli import main as cli
 from .config import load_config
@@ -32,7 +31,7 @@ def _evc(*argv: str) -> None:
 
 def _table(jsons: list[str]) -> str:
     """RD points of every run and BD-rate / BD-PSNR against the teacher (``jsons[1]``)."""
-    from .metrics import bd_rate, load_results
+    from .metrics import bd_or_nan, load_results
 
     res = [load_results(j) for j in jsons]
     lines = ["", "Kodak crops, real bitstreams (4 anchors, lowest rate first); BD against the demo teacher (pchip):",
@@ -42,9 +41,7 @@ def _table(jsons: list[str]) -> str:
         psnr = " ".join(f"{v:.2f}" for v in r["results"]["psnr-rgb"])
         bdr = bdp = "-"
         if r is not res[1] and r is not res[0]:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                rate, dq = bd_rate(res[1], r, method="pchip")
+            rate, dq = bd_or_nan(res[1], r)
             bdr = "n/a" if math.isnan(rate) else f"{rate:+.1f} %"  # n/a: the PSNR ranges do not overlap
             bdp = f"{dq:+.2f} dB"
         lines.append(f"{r['name']:<16} {bpp:<30} {psnr:<26} {bdr:>9} {bdp:>9}")

@@ -104,6 +104,20 @@ def bd_rate(anchor: dict[str, Any], test: dict[str, Any], method: str = "akima",
     return rate, dq
 
 
+def bd_or_nan(anchor: dict[str, Any], test: dict[str, Any], method: str = "pchip",
+              metric: str = "psnr") -> tuple[float, float]:
+    """:func:`bd_rate` for tables: (nan, nan) where the BD values do not exist (too few points, curves that
+    cannot be compared), and bjontegaard's warnings silenced (NaN BD-rate = the quality ranges do not overlap)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return bd_rate(anchor, test, method=method, metric=metric)
+        except ValueError:
+            return float("nan"), float("nan")
+
+
 def plot_rd(results: Sequence[dict[str, Any]], out: str, metric: str = "psnr", title: str | None = None) -> None:
     """Plot RD curves (bpp vs PSNR or MS-SSIM dB) to an image file, written atomically."""
     import matplotlib

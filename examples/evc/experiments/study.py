@@ -32,10 +32,14 @@ import subprocess
 import sys
 import tarfile
 import time
-import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
+
+import maskdecay as md
+
+from ..config import load_config
+from ..metrics import bd_or_nan, load_results, plot_rd
 
 log = logging.getLogger("evc.study")
 
@@ -52,15 +56,12 @@ class Job:
     argv: list[str]
     output: str
     needs: list[str] = field(default_factory=list)
-    kind: str = "train"
 
 
 def plan_jobs(a: argparse.Namespace) -> list[Job]:
     """Every training and evaluation job of the study, in priority order."""
     py = [sys.executable, "-m", "evc", "--debug"]
     out = a.out
-    from evc.config import load_config
-
     dc = load_config(a.student_config, a.overrides).decay
     teacher_steps = load_config(a.scratch_config, a.overrides).train.steps
     total = dc.steps + dc.finetune_steps
@@ -79,7 +80,7 @@ def plan_jobs(a: argparse.Namespace) -> list[Job]:
         j = os.path.join(out, "eval", f"{name}.json")
         argv = [*py, "eval", "--dataset", a.kodak, "--model", model, "--json", j, "--rates", "4", "--name", name,
                 "--device", a.device, "--threads", "1", *extra, *a.eval_args]
-        return Job(f"eval {name}", argv, j, [model], "eval")
+        return Job(f"eval {name}", argv, j, [model])
 
     train: list[Job] = []
     evals: list[Job] = [ev("teacher", a.teacher)]
@@ -180,26 +181,20 @@ def run_jobs(jobs: list[Job], n: int, deadline: float | None, log_dir: str, pack
 
 
 # ----------------------------------------------------------------------------------------------------- report
-def _bd(anchor: dict[str, Any], test: dict[str, Any]) -> tuple[float, float]:
-    from evc.metrics import bd_rate
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return bd_rate(anchor, test, method="pchip")
-        except ValueError:
-            return math.nan, math.nan
-
-
 def _fmt(v: float, spec: str, unit: str = "") -> str:
     return "n/a" if math.isnan(v) else format(v, spec) + unit
 
 
+def _rd_cells(teacher: dict[str, Any], r: dict[str, Any]) -> tuple[str, float]:
+    """The table cells "bpp | PSNR | BD-rate | BD-PSNR" of one result against the teacher, and its BD-PSNR."""
+    bdr, bdp = (0.0, 0.0) if r is teacher else bd_or_nan(teacher, r)
+    bpp = " / ".join(f"{v:.3f}" for v in r["results"]["bpp"])
+    ps = " / ".join(f"{v:.2f}" for v in r["results"]["psnr-rgb"])
+    return f"{bpp} | {ps} | {_fmt(bdr, '+.1f', ' %')} | {_fmt(bdp, '+.2f', ' dB')}", bdp
+
+
 def report(out: str, md_path: str | None, img_dir: str | None) -> str:
     """Markdown tables + plots from a study folder; returns the markdown."""
-    import maskdecay as md
-    from evc.metrics import load_results, plot_rd
-
     ev = os.path.join(out, "eval")
     res = {f[:-5]: load_results(os.path.join(ev, f)) for f in sorted(os.listdir(ev)) if f.endswith(".json")}
     if "teacher" not in res:
@@ -213,16 +208,13 @@ def report(out: str, md_path: str | None, img_dir: str | None) -> str:
     def row(name: str, r: dict[str, Any], scratch: dict[str, float]) -> str:
         """Gap closed = 1 - BD-PSNR(run) / BD-PSNR(scratch) (BD-PSNR: BD-rate is undefined for these flat curves
         whenever the PSNR ranges do not overlap)."""
-        bdr, bdp = _bd(teacher, r) if name != "teacher" else (0.0, 0.0)
+        cells, bdp = _rd_cells(teacher, r)
         gaps = []
         for key in ("scratch", "scratch_long"):
             s = scratch.get(key, math.nan)
             ok = name != "teacher" and "-scratch" not in name and not math.isnan(s) and s < 0
             gaps.append(_fmt(100 * (1 - bdp / s), ".0f", " %") if ok else "–")
-        bpp = " / ".join(f"{v:.3f}" for v in r["results"]["bpp"])
-        ps = " / ".join(f"{v:.2f}" for v in r["results"]["psnr-rgb"])
-        return (f"| {name} | {bpp} | {ps} | {_fmt(bdr, '+.1f', ' %')} | {_fmt(bdp, '+.2f', ' dB')} | {gaps[0]} | "
-                f"{gaps[1]} |")
+        return f"| {name} | {cells} | {gaps[0]} | {gaps[1]} |"
 
     lines.append(row("teacher", teacher, {}))
     groups: dict[str, list[str]] = {}
@@ -231,7 +223,7 @@ def report(out: str, md_path: str | None, img_dir: str | None) -> str:
             groups.setdefault(name.split("-")[0] + "-" + name.split("-")[-1], []).append(name)
     for g, names in sorted(groups.items()):
         st, seed = g.split("-")
-        scratch = {k: _bd(teacher, res[f"{st}-{k}-{seed}"])[1] for k in ("scratch", "scratch_long")
+        scratch = {k: bd_or_nan(teacher, res[f"{st}-{k}-{seed}"])[1] for k in ("scratch", "scratch_long")
                    if f"{st}-{k}-{seed}" in res}
         order = sorted(names, key=lambda n: METHODS.index(n.split("-")[1]) if n.split("-")[1] in METHODS else 99)
         lines += [row(n, res[n], scratch) for n in order]
@@ -240,12 +232,7 @@ def report(out: str, md_path: str | None, img_dir: str | None) -> str:
     rrl = sorted(n for n in res if n.startswith("rrl"))
     if rrl:
         lines += ["", "| RRL run | bpp | PSNR dB | BD-rate vs teacher | BD-PSNR |", "|---|---|---|---:|---:|"]
-        for n in rrl:
-            r = res[n]
-            bdr, bdp = _bd(teacher, r)
-            lines.append(f"| {n} | {' / '.join(f'{v:.3f}' for v in r['results']['bpp'])} | "
-                         f"{' / '.join(f'{v:.2f}' for v in r['results']['psnr-rgb'])} | {_fmt(bdr, '+.1f', ' %')} | "
-                         f"{_fmt(bdp, '+.2f', ' dB')} |")
+        lines += [f"| {n} | {_rd_cells(teacher, res[n])[0]} |" for n in rrl]
         for base in sorted({n.rsplit("-", 1)[0] for n in rrl}):
             curves = [res[n] for n in rrl if n.rsplit("-", 1)[0] == base]
             plot_rd([teacher, *curves], os.path.join(img, f"study_{base}.png"), title=f"{base}: levels and best-of-4")
