@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .exact import W_BITS, _MANT, _exponent, chain, pow2, quantize_rows
+from .kernels import Act, ConvKxK, Pointwise, Winograd3x3, onednn_ok, use_winograd
 from .layers import (
     ConvFFN,
     DepthConv,
@@ -215,14 +216,17 @@ class _LayerWalker(ABC):
 # float transforms
 # ---------------------------------------------------------------------------------------------------------------
 class _FloatBuilder(_LayerWalker):
-    """Turns EVC transform modules into NHWC closures with weights prepared once."""
+    """Turns EVC transform modules into NHWC closures with weights prepared once. ``kernels``: use the CPU kernels
+    of :mod:`evc.kernels` (oneDNN epilogue fusion, Winograd) where they apply."""
 
     kind = "fast"
 
-    def __init__(self, dtype: torch.dtype, device: torch.device, band_bytes: int) -> None:
+    def __init__(self, dtype: torch.dtype, device: torch.device, band_bytes: int, kernels: bool = True) -> None:
         self.dtype = dtype
         self.device = device
         self.band_bytes = band_bytes
+        self.kernels = kernels
+        self.onednn = kernels and onednn_ok(device, dtype)
 
     def _t(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(self.device, self.dtype)
@@ -237,16 +241,18 @@ class _FloatBuilder(_LayerWalker):
             w, b = w[rows], b[rows]
         return self._t(w).contiguous(), self._t(b).contiguous()
 
-    def conv(self, conv: nn.Conv2d) -> Fn:
-        """Any KxK convolution through oneDNN/cuDNN on a channels-last view; NHWC in and out."""
-        w = self._t(conv.weight).contiguous(memory_format=torch.channels_last)
-        b = self._t(conv.bias) if conv.bias is not None else None
-        stride, pad, groups = conv.stride, conv.padding, conv.groups
+    def pointwise(self, w: torch.Tensor, b: torch.Tensor, act: Act = None) -> Pointwise:
+        """A 1x1 convolution (prepared weight and bias) with a fused activation."""
+        return Pointwise(w, b, act, onednn=self.onednn)
 
-        def f(x: torch.Tensor) -> torch.Tensor:
-            y = F.conv2d(to_nchw(x), w, b, stride, pad, 1, groups)
-            return y.permute(0, 2, 3, 1).contiguous()  # a no-op copy when the kernel returned channels-last
-        return f
+    def conv(self, conv: nn.Conv2d, act: Act = None) -> Fn:
+        """Any KxK convolution with a fused activation, NHWC in and out: Winograd for the wide dense 3x3 ones,
+        else oneDNN/cuDNN on a channels-last view."""
+        w = self._t(conv.weight)
+        b = self._t(conv.bias) if conv.bias is not None else None
+        if self.kernels and use_winograd(conv, self.device, self.dtype):
+            return Winograd3x3(w, b, act)
+        return ConvKxK(w, b, conv.stride, conv.padding, conv.groups, act, onednn=self.onednn)
 
     # -- blocks ------------------------------------------------------------------------------------------------------
     def _band_px(self, n: int, widest: int) -> int:
@@ -259,16 +265,13 @@ class _FloatBuilder(_LayerWalker):
         c1, c2, slope, slope2 = _ffn_parts(m)
         if slope != slope2:
             raise NotImplementedError("prior FFN with two different slopes")
-        w1, b1 = self.lin_params(c1)
-        w2, b2 = self.lin_params(c2)
-
-        def act(t: torch.Tensor) -> torch.Tensor:
-            return torch.relu_(t) if slope is None else F.leaky_relu_(t, slope)
+        act: Act = "relu" if slope is None else slope
+        p1 = self.pointwise(*self.lin_params(c1), act)
+        p2 = self.pointwise(*self.lin_params(c2), act)
 
         def rows(xs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-            h = act(torch.addmm(b1, xs, w1.t()))
-            return torch.add(act(torch.addmm(b2, h, w2.t())), xs, out=out)
-        return rows, w1.shape[0]
+            return torch.add(p2(p1(xs)), xs, out=out)
+        return rows, p1.out_channels
 
     def depth_conv_parts(self, m: DepthConv | PriorDepthConv) -> tuple[Fn, Callable[..., torch.Tensor], int]:
         """Split a DepthConv into a spatial head ``x -> (t, identity)`` (1x1, activation, depthwise 3x3 [+ activation])
@@ -276,30 +279,22 @@ class _FloatBuilder(_LayerWalker):
         bias is folded into the second 1x1 (no activation in between)."""
         c1, s1, dwc, s_dw, c2, s2, adaptor = _depth_conv_parts(m)
         fold_dw_bias = s_dw is None
-        w1, b1 = self.lin_params(c1)
-        dw_w = self._t(dwc.weight).contiguous(memory_format=torch.channels_last)
-        dw_b = None if fold_dw_bias else self._t(dwc.bias)
-        stride, pad, groups = dwc.stride, dwc.padding, dwc.groups
+        p1 = self.pointwise(*self.lin_params(c1), s1)
+        dw = ConvKxK(self._t(dwc.weight), None if fold_dw_bias else self._t(dwc.bias), dwc.stride, dwc.padding,
+                     dwc.groups, s_dw, onednn=self.onednn)
         w2_64 = c2.weight.detach().to(torch.float64).flatten(1)
         b2_64 = c2.bias.detach().to(torch.float64)
         if fold_dw_bias:
             b2_64 = b2_64 + w2_64 @ dwc.bias.detach().to(torch.float64)
-        w2, b2 = self._t(w2_64).contiguous(), self._t(b2_64)
+        p2 = self.pointwise(self._t(w2_64).contiguous(), self._t(b2_64), s2)
         ad = self.module(adaptor) if adaptor is not None else None
 
         def head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            t = F.leaky_relu_(F.linear(x, w1, b1), s1)
-            t = F.conv2d(to_nchw(t), dw_w, dw_b, stride, pad, 1, groups).permute(0, 2, 3, 1).contiguous()
-            if s_dw is not None:
-                t = F.leaky_relu_(t, s_dw)
-            return t, (x if ad is None else ad(x))
+            return dw(p1(x)), (x if ad is None else ad(x))
 
         def tail(t: torch.Tensor, ident: torch.Tensor) -> torch.Tensor:
-            u = torch.addmm(b2, t, w2.t())
-            if s2 is not None:
-                u = F.leaky_relu_(u, s2)
-            return u.add_(ident)
-        return head, tail, w2.shape[0]
+            return p2(t).add_(ident)
+        return head, tail, p2.out_channels
 
     def _banded(self, rows_fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], c_out: int,
                 widest: int) -> torch.Tensor:
@@ -338,17 +333,16 @@ class _FloatBuilder(_LayerWalker):
         return f
 
     def stride_block(self, m: ResidualBlockWithStride) -> Fn:
-        c1, c2 = self.conv(m.conv1), self.conv(m.conv2)
-        s1, s2 = m.leaky_relu.negative_slope, m.leaky_relu2.negative_slope
-        wd, bd = self.lin_params(m.downsample) if m.downsample is not None else (None, None)
-        ds = m.downsample.stride[0] if m.downsample is not None else 1
+        c1 = self.conv(m.conv1, m.leaky_relu.negative_slope)
+        c2 = self.conv(m.conv2, m.leaky_relu2.negative_slope)
+        ds = self.pointwise(*self.lin_params(m.downsample)) if m.downsample is not None else None
+        step = m.downsample.stride[0] if m.downsample is not None else 1
 
         def f(x: torch.Tensor) -> torch.Tensor:
-            t = F.leaky_relu_(c2(F.leaky_relu_(c1(x), s1)), s2)
-            if wd is None:
+            t = c2(c1(x))
+            if ds is None:
                 return t.add_(x)
-            xs = x[:, ::ds, ::ds] if ds > 1 else x
-            return t.add_(F.linear(xs, wd, bd))
+            return t.add_(ds(x[:, ::step, ::step] if step > 1 else x))
         return f
 
     def upsample_block(self, m: ResidualBlockUpsample) -> Fn:
@@ -357,28 +351,27 @@ class _FloatBuilder(_LayerWalker):
         rows = _ps_rows(r, cout)
         ws, bs_ = self.lin_params(m.subpel_conv[0], rows)
         wu, bu = self.lin_params(m.upsample[0], rows)
-        w, b = torch.cat([ws, wu]), torch.cat([bs_, bu])
+        both = self.pointwise(torch.cat([ws, wu]), torch.cat([bs_, bu]))
         n = ws.shape[0]
-        cv = self.conv(m.conv)
-        s1, s2 = m.leaky_relu.negative_slope, m.leaky_relu2.negative_slope
+        cv = self.conv(m.conv, m.leaky_relu2.negative_slope)
+        s1 = m.leaky_relu.negative_slope
 
         def f(x: torch.Tensor) -> torch.Tensor:
-            h = F.linear(x, w, b)
+            h = both(x)
             main = F.leaky_relu_(_pixel_shuffle_nhwc(h[..., :n], r), s1)
             skip = _pixel_shuffle_nhwc(h[..., n:], r)
-            return F.leaky_relu_(cv(main), s2).add_(skip)
+            return cv(main).add_(skip)
         return f
 
     def shuffled_conv1x1(self, conv: nn.Conv2d, r: int) -> Fn:
         """The 1x1 conv emits (i, j, c) order, so the NHWC pixel shuffle moves whole channel vectors."""
-        w, b = self.lin_params(conv, _ps_rows(r, conv.out_channels // (r * r)))
-        return lambda x: _pixel_shuffle_nhwc(F.linear(x, w, b), r)
+        p = self.pointwise(*self.lin_params(conv, _ps_rows(r, conv.out_channels // (r * r))))
+        return lambda x: _pixel_shuffle_nhwc(p(x), r)
 
     def conv2d(self, m: nn.Conv2d) -> Fn:
-        """Plain 1x1 convolutions as one GEMM, the others through oneDNN/cuDNN."""
+        """Plain 1x1 convolutions as one GEMM, the others through oneDNN/cuDNN (or Winograd)."""
         if m.kernel_size == (1, 1) and m.groups == 1 and m.stride == (1, 1):
-            w, b = self.lin_params(m)
-            return lambda x: F.linear(x, w, b)
+            return self.pointwise(*self.lin_params(m))
         return self.conv(m)
 
 
@@ -447,7 +440,7 @@ class FastTransform(_Runner):
         super().__init__(dev, dtype, cuda_graphs)
         if compile:  # one graph without Python band loops; inductor fuses the FFN epilogues itself
             band_bytes = 1 << 62
-        self._fn = _FloatBuilder(dtype, dev, band_bytes).module(module)
+        self._fn = _FloatBuilder(dtype, dev, band_bytes, kernels=not compile).module(module)
         if compile:
             self._fn = torch.compile(self._fn, dynamic=False)
 

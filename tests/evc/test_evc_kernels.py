@@ -1,0 +1,119 @@
+"""CPU kernels of the fused float transforms (evc.kernels): Winograd F(4x4,3x3), the oneDNN 1x1/KxK convolutions
+with fused activations and their ATen fallbacks agree with ``F.conv2d`` to float tolerance, on odd sizes, batches
+and every activation; the shape rules route as documented; the fused transforms still match the eager modules with
+every kernel forced on."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evc
+from evc import kernels
+from evc.fast import FastTransform
+from evc.kernels import ConvKxK, Pointwise, Winograd3x3, onednn_ok, use_winograd
+
+CPU32 = (torch.device("cpu"), torch.float32)
+NEEDS_ONEDNN = pytest.mark.skipif(not onednn_ok(*CPU32), reason="torch built without oneDNN: fallback only")
+
+
+def _act_ref(y: torch.Tensor, act) -> torch.Tensor:
+    if act is None:
+        return y
+    return torch.relu(y) if act == "relu" else F.leaky_relu(y, act)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("bsz,h,w,bias,act", [(1, 13, 18, True, None), (2, 8, 8, False, 0.1), (1, 5, 21, True, "relu")])
+def test_winograd_matches_conv2d(bsz, h, w, bias, act):
+    """F(4x4,3x3) vs a direct convolution: sizes not multiple of 4, batch 2, no bias, all activations;
+    relative max error below 1e-4 (float32 Winograd is ~1e-5)."""
+    g = torch.Generator().manual_seed(0)
+    cin, cout = 24, 40
+    x = torch.randn(bsz, h, w, cin, generator=g)
+    wt = torch.randn(cout, cin, 3, 3, generator=g) / math.sqrt(9 * cin)
+    b = torch.randn(cout, generator=g) if bias else None
+    ref = _act_ref(F.conv2d(x.permute(0, 3, 1, 2), wt, b, 1, 1), act).permute(0, 2, 3, 1)
+    out = Winograd3x3(wt, b, act)(x)
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert _rel(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("onednn", [False, pytest.param(True, marks=NEEDS_ONEDNN)])
+@pytest.mark.parametrize("act", [None, "relu", 0.01])
+def test_pointwise_paths(monkeypatch, onednn, act):
+    """Both routes of a 1x1 layer (oneDNN forced on by lowering the thresholds, and addmm) equal F.linear."""
+    monkeypatch.setattr(kernels, "_ONEDNN_MIN_PX", 0)
+    monkeypatch.setattr(kernels, "_ONEDNN_ALWAYS", 0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 7, 16, generator=g)
+    w, b = torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
+    p = Pointwise(w, b, act, onednn=onednn)
+    assert p.uses_onednn(70) == onednn
+    out = p(x)
+    assert out.shape == (2, 5, 7, 24) and out.is_contiguous()
+    assert _rel(out, _act_ref(F.linear(x, w, b), act)) < 1e-5
+    # a non-contiguous input (a strided spatial subsample, as in a downsampling skip)
+    xs = x[:, ::2, ::2]
+    assert _rel(p(xs), _act_ref(F.linear(xs, w, b), act)) < 1e-5
+
+
+def test_pointwise_routing_rule():
+    """oneDNN for many pixels with a wide side, or very many pixels; addmm otherwise (and always without oneDNN)."""
+    narrow = Pointwise(torch.zeros(64, 64), torch.zeros(64), onednn=True)
+    wide = Pointwise(torch.zeros(256, 64), torch.zeros(256), onednn=True)
+    assert not narrow.uses_onednn(1536) and not wide.uses_onednn(1536)
+    assert wide.uses_onednn(kernels._ONEDNN_MIN_PX) and not narrow.uses_onednn(kernels._ONEDNN_MIN_PX)
+    assert narrow.uses_onednn(kernels._ONEDNN_ALWAYS)
+    assert not Pointwise(torch.zeros(256, 64), torch.zeros(256), onednn=False).uses_onednn(10 ** 6)
+
+
+@pytest.mark.parametrize("onednn", [False, pytest.param(True, marks=NEEDS_ONEDNN)])
+@pytest.mark.parametrize("groups,stride", [(1, 2), (8, 1)])
+def test_convkxk_paths(onednn, groups, stride):
+    """Dense strided and depthwise 3x3 with fused LeakyReLU, both routes, vs F.conv2d."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 11, 9, 8, generator=g)
+    w, b = torch.randn(8, 8 // groups, 3, 3, generator=g), torch.randn(8, generator=g)
+    out = ConvKxK(w, b, (stride, stride), (1, 1), groups, 0.1, onednn=onednn)(x)
+    ref = F.leaky_relu(F.conv2d(x.permute(0, 3, 1, 2), w, b, stride, 1, 1, groups), 0.1).permute(0, 2, 3, 1)
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert _rel(out, ref) < 1e-5
+
+
+def test_use_winograd_conditions():
+    """Only dense 3x3 stride-1 'same' convolutions, wide enough, on CPU float32."""
+    c = kernels.WINOGRAD_MIN_CHANNELS
+    assert use_winograd(torch.nn.Conv2d(c, c, 3, padding=1), *CPU32)
+    assert not use_winograd(torch.nn.Conv2d(c // 2, c, 3, padding=1), *CPU32)
+    assert not use_winograd(torch.nn.Conv2d(c, c, 3, stride=2, padding=1), *CPU32)
+    assert not use_winograd(torch.nn.Conv2d(c, c, 3, padding=1, groups=c), *CPU32)
+    assert not use_winograd(torch.nn.Conv2d(c, c, 1), *CPU32)
+    assert not use_winograd(torch.nn.Conv2d(c, c, 3, padding=1), torch.device("cpu"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["enc", "dec"])
+def test_fast_transform_with_every_kernel(monkeypatch, name):
+    """The fused transforms with Winograd on every dense 3x3 stride-1 conv and oneDNN on every 1x1 layer (thresholds
+    forced to 0) still match the eager module: relative max error < 1e-4."""
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(kernels, "_ONEDNN_MIN_PX", 0)
+    monkeypatch.setattr(kernels, "_ONEDNN_ALWAYS", 0)
+    calls = []
+    wino_call = Winograd3x3.__call__
+    monkeypatch.setattr(Winograd3x3, "__call__", lambda self, x: calls.append(x.shape) or wino_call(self, x))
+    torch.manual_seed(0)
+    model = evc.build_model("mini_EVC_SS").eval()
+    mod = getattr(model, name)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 3, 64, 128, generator=g) if name == "enc" else torch.randn(1, model.N, 4, 8, generator=g)
+    with torch.no_grad():
+        ref = mod(x)
+        out = FastTransform(mod)(x)
+    assert calls, "no convolution took the Winograd path"
+    assert _rel(out, ref) < 1e-4
