@@ -51,6 +51,7 @@ class BenchConfig:
     channels_last: bool = False
     compile: bool = False
     cuda_graphs: bool = False
+    kernels: bool = True
     threads: int | None = None
     runs: int = 3
     warmup: int = 1
@@ -183,7 +184,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     x = x.to(dev)
     rate = evc.select_rate(model, rate_index=cfg.rate_index)
     opts = {"dtype": DTYPES[cfg.dtype], "impl": cfg.impl, "channels_last": cfg.channels_last,
-            "compile": cfg.compile, "cuda_graphs": cfg.cuda_graphs}
+            "compile": cfg.compile, "cuda_graphs": cfg.cuda_graphs, "kernels": cfg.kernels}
     t_build = time.perf_counter()
     fast = FastEngine(model, **opts)
     build_s = time.perf_counter() - t_build
@@ -248,7 +249,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     res: dict[str, Any] = {
         "config": {"arch": cfg.arch, "size": f"{w}x{h}", "padded": f"{x.shape[-1] + (-w) % 64}x{h + (-h) % 64}",
                    "device": cfg.device, "dtype": cfg.dtype, "impl": cfg.impl, "channels_last": cfg.channels_last,
-                   "compile": cfg.compile, "cuda_graphs": cfg.cuda_graphs, "threads": torch.get_num_threads(),
+                   "compile": cfg.compile, "cuda_graphs": cfg.cuda_graphs, "kernels": cfg.kernels,
+                   "threads": torch.get_num_threads(),
                    "runs": cfg.runs, "warmup": cfg.warmup, "rate_index": cfg.rate_index,
                    "image": cfg.image or "synthetic", "stages": list(cfg.stages), **cfg.extra},
         "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
@@ -354,6 +356,7 @@ def format_table(res: dict[str, Any]) -> str:
     lines = [f"{c['arch']} {c['size']} (padded {c['padded']}) {c['device']} threads={c['threads']} fast path: "
              f"impl={c['impl']} dtype={c['dtype']}" + (" channels_last" if c["channels_last"] else "")
              + (" compile" if c["compile"] else "") + (" cuda_graphs" if c["cuda_graphs"] else "")
+             + ("" if c.get("kernels", True) else " no-kernels")
              + f"; random weights; median (p90) of {c['runs']} runs after {c['warmup']} warm-up",
              f"load average before {m['loadavg_before'][0]:.2f}, after {m['loadavg_after'][0]:.2f} "
              f"({m['cpu_count']} CPUs)"]
@@ -417,6 +420,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="fast path with --impl eager: channels-last memory format (fused is channels-last anyway)")
     p.add_argument("--compile", action="store_true", help="fast path: torch.compile the float transforms")
     p.add_argument("--cuda-graphs", action="store_true", help="fast path on CUDA: replay captured graphs")
+    p.add_argument("--no-kernels", action="store_true",
+                   help="fast path without the CPU kernels of evc.kernels (oneDNN epilogue fusion, Winograd)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--runs", type=int, default=3, help="timed repetitions (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default 1)")
@@ -455,7 +460,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     tuned = tune_allocator()
     cfg = BenchConfig(arch=args.arch, width=w, height=h, device=args.device, dtype=args.dtype, impl=args.impl,
                       channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs,
-                      threads=args.threads, runs=args.runs, warmup=args.warmup, rate_index=args.rate_index,
+                      kernels=not args.no_kernels, threads=args.threads, runs=args.runs, warmup=args.warmup,
+                      rate_index=args.rate_index,
                       image=args.image, stages=stages, reference=not args.no_reference,
                       extra={"allocator_tuned": tuned})
     n_engines = 1 if args.no_reference else 2

@@ -9,7 +9,10 @@ Two kinds of networks run in a codec, with different rules:
   the 3x3 kernels, in-place activations, the two 1x1 branches of an upsampling block merged into one GEMM, the
   pixel shuffle folded into a weight-row permutation (a block copy of whole channel vectors), the depthwise bias of
   the prior-flavour blocks folded into the next 1x1 bias, and the 4x-wide FFNs evaluated in row bands that stay in
-  cache. ``dtype`` may be float16/bfloat16 (meant for GPUs; on a CPU without native bf16/fp16 it is slower).
+  cache. On a CPU in float32 the layers run through the kernels of :mod:`evc.kernels`, chosen per shape: oneDNN
+  1x1/KxK convolutions with the bias and the activation fused into their epilogue, and Winograd F(4x4,3x3) for the
+  wide dense 3x3 convolutions (``kernels=False`` turns them off, for comparisons). ``dtype`` may be
+  float16/bfloat16 (meant for GPUs; on a CPU without native bf16/fp16 it is slower).
 * **Entropy-parameter networks** (``hyper_dec``, ``y_prior_fusion``, ``y_spatial_prior``) and the default exact
   synthesis must give the encoder's numbers bit for bit. :class:`FastExactNet` computes *exactly* what
   :class:`evc.exact.ExactNet` computes (same weight and activation grids, same order of every rounding elementwise
@@ -432,15 +435,19 @@ class FastTransform(_Runner):
         compile: wrap the evaluation in ``torch.compile`` (the first call per input shape compiles).
         cuda_graphs: on CUDA, capture one graph per input shape and replay it.
         band_bytes: size of the row bands of the 4x-wide FFN intermediates.
+        kernels: use the CPU kernels of :mod:`evc.kernels` (oneDNN convolutions with fused epilogues, Winograd) where
+            their rules select them; False gives the plain GEMM/oneDNN executor (for comparisons). Off under
+            ``compile``.
     """
 
     def __init__(self, module: nn.Module, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 compile: bool = False, cuda_graphs: bool = False, band_bytes: int = _BAND_BYTES) -> None:
+                 compile: bool = False, cuda_graphs: bool = False, band_bytes: int = _BAND_BYTES,
+                 kernels: bool = True) -> None:
         dev = torch.device(device) if device is not None else next(module.parameters()).device
         super().__init__(dev, dtype, cuda_graphs)
         if compile:  # one graph without Python band loops; inductor fuses the FFN epilogues itself
             band_bytes = 1 << 62
-        self._fn = _FloatBuilder(dtype, dev, band_bytes, kernels=not compile).module(module)
+        self._fn = _FloatBuilder(dtype, dev, band_bytes, kernels=kernels and not compile).module(module)
         if compile:
             self._fn = torch.compile(self._fn, dynamic=False)
 
@@ -799,11 +806,12 @@ class FastEngine:
             (:class:`EagerTransform`: the model's own modules; with float32 and no other option the streams are
             byte-identical to the reference engine's).
         channels_last: ``impl="eager"`` only: channels-last memory format.
-        compile, cuda_graphs: see :class:`FastTransform` (float transforms only).
+        compile, cuda_graphs, kernels: see :class:`FastTransform` (float transforms only).
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32, impl: str = "fused",
-                 channels_last: bool = False, compile: bool = False, cuda_graphs: bool = False) -> None:
+                 channels_last: bool = False, compile: bool = False, cuda_graphs: bool = False,
+                 kernels: bool = True) -> None:
         from .codec import _state_key  # local import: codec must not depend on this module
 
         if impl not in ("fused", "eager"):
@@ -817,6 +825,7 @@ class FastEngine:
 
         self._opts = dict(compile=compile, cuda_graphs=cuda_graphs)
         self.channels_last = channels_last
+        self.kernels = kernels
         self.scalable = bool(getattr(model, "scalable", False))
         self._encs = [self.transform(e) for e in (model.encs if self.scalable else [model.enc])]
         self._hyper_enc = self.transform(model.hyper_enc)
@@ -829,7 +838,7 @@ class FastEngine:
     def transform(self, module: nn.Module) -> _Runner:
         """A float runner of ``module`` with this engine's options (any EVC transform or prior network)."""
         if self.impl == "fused":
-            return FastTransform(module, self.dtype, self.device, **self._opts)
+            return FastTransform(module, self.dtype, self.device, kernels=self.kernels, **self._opts)
         return EagerTransform(module, self.dtype, self.device, channels_last=self.channels_last, **self._opts)
 
     # -- the interface used by evc.codec -----------------------------------------------------------------------

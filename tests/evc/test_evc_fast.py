@@ -164,6 +164,10 @@ def test_bench_fast_cli(tmp_path, capsys):
         assert d["results"]["fast"][k]["median_s"] > 0 and k in d["speedup"]
     assert d["streams_identical"] and d["cross_decode_identical"]
     assert len(d["machine"]["loadavg_before"]) == 3
+    assert d["config"]["kernels"] is True
+    assert cli(["bench", "--arch", "mini_EVC_SS", "--size", "64x64", "--runs", "1", "--warmup", "0",
+                "--stages", "forward", "--no-reference", "--no-kernels", "--json", str(j)]) == 0
+    assert "no-kernels" in capsys.readouterr().out and json.loads(j.read_text())["config"]["kernels"] is False
     assert cli(["bench", "--arch", "mini_EVC_SS", "--size", "64x64", "--stages", "nope"]) == 1
     assert "unknown stage" in capsys.readouterr().err
 

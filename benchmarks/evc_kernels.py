@@ -1,0 +1,157 @@
+"""The CPU kernels of the EVC fast path (evc.kernels) against the plain executor, measured in one run.
+
+    .venv/bin/python benchmarks/evc_kernels.py [--arch EVC_SS EVC_LL] [--size 768x512] [--threads 2]
+                                               [--rounds 5] [--json out.json]
+
+Two tables:
+
+1. every distinct 1x1 and dense 3x3 stride-1 layer shape of the chosen models' networks-only forward: the plain
+   route (MKL ``addmm`` + in-place activation; oneDNN direct 3x3 convolution) against the route the kernels'
+   rules pick (oneDNN 1x1 with fused epilogue; Winograd F(4x4,3x3)), each timed as the best of ``--rounds``
+   interleaved calls;
+2. the networks-only forward (``evc bench``'s "forward" stage) with the kernels off and on, interleaved
+   (off, on, off, on, ...), median of ``--rounds``.
+
+Random weights (seed 0) and the bench's synthetic image; ratios are the meaningful numbers on a shared machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from evc import build_model
+from evc.bench import _forward_fn, synthetic_image
+from evc.fast import FastEngine, tune_allocator
+from evc.kernels import Pointwise, Winograd3x3, use_winograd
+
+
+def _best(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Best time of each function over interleaved rounds (after one warm-up call each), in ms."""
+    for f in fns.values():
+        f()
+    best = {k: math.inf for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            best[k] = min(best[k], (time.perf_counter() - t) * 1e3)
+    return best
+
+
+def layer_shapes(arch: str, h: int, w: int) -> tuple[set[tuple[int, int, int]], set[tuple[int, int, int, int]]]:
+    """(pixels, in, out) of every 1x1 conv and (h, w, in, out) of every Winograd-eligible 3x3 conv of a forward."""
+    model = build_model(arch).eval()
+    pw: set[tuple[int, int, int]] = set()
+    w3: set[tuple[int, int, int, int]] = set()
+
+    def hook(mod: torch.nn.Module, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        x = inp[0]
+        if mod.kernel_size == (1, 1) and mod.groups == 1 and mod.stride == (1, 1):
+            pw.add((x.shape[0] * x.shape[2] * x.shape[3], mod.in_channels, mod.out_channels))
+        elif mod.kernel_size == (3, 3) and mod.groups == 1 and mod.stride == (1, 1):
+            w3.add((x.shape[2], x.shape[3], mod.in_channels, mod.out_channels))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        _forward_fn(model, torch.rand(1, 3, h, w), None)()
+    for hk in hooks:
+        hk.remove()
+    return pw, w3
+
+
+def bench_layers(shapes_pw: set, shapes_w3: set, rounds: int) -> list[dict]:
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for n, cin, cout in sorted(shapes_pw):
+        x = torch.randn(n, cin, generator=g)
+        wt, b = torch.randn(cout, cin, generator=g) / math.sqrt(cin), torch.randn(cout, generator=g)
+        plain, fused = Pointwise(wt, b, 0.01, onednn=False), Pointwise(wt, b, 0.01, onednn=True)
+        if not fused.uses_onednn(n):
+            continue
+        t = _best({"plain": lambda: plain(x), "kernel": lambda: fused(x)}, rounds)
+        rows.append({"layer": f"1x1 {cin}->{cout}", "shape": f"{n} px", "plain_ms": t["plain"],
+                     "kernel_ms": t["kernel"], "route": "oneDNN 1x1 + fused bias/act"})
+    for h, w, cin, cout in sorted(shapes_w3):
+        conv = torch.nn.Conv2d(cin, cout, 3, padding=1)
+        x = torch.randn(1, h, w, cin, generator=g)
+        wcl = conv.weight.detach().contiguous(memory_format=torch.channels_last)
+        b = conv.bias.detach()
+        wino = Winograd3x3(conv.weight.detach(), b, 0.01)
+
+        def direct() -> torch.Tensor:
+            y = F.leaky_relu_(F.conv2d(x.permute(0, 3, 1, 2), wcl, b, 1, 1), 0.01)
+            return y.permute(0, 2, 3, 1).contiguous()
+        t = _best({"plain": direct, "kernel": lambda: wino(x)}, rounds)
+        chosen = use_winograd(conv, torch.device("cpu"), torch.float32)
+        rows.append({"layer": f"3x3 {cin}->{cout}", "shape": f"{h}x{w}", "plain_ms": t["plain"],
+                     "kernel_ms": t["kernel"], "route": "Winograd F(4x4,3x3)" + ("" if chosen else " (not used)")})
+    return rows
+
+
+def bench_forward(arch: str, h: int, w: int, rounds: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    x = synthetic_image(w, h)
+    fns = {"off": _forward_fn(model, x, FastEngine(model, kernels=False)),
+           "on": _forward_fn(model, x, FastEngine(model, kernels=True))}
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {"arch": arch, "off_s": statistics.median(times["off"]), "on_s": statistics.median(times["on"]),
+            "runs": times}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", nargs="+", default=["EVC_SS", "EVC_LL"])
+    ap.add_argument("--size", default="768x512", help="WxH (multiple of 64)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--skip-layers", action="store_true", help="only the forward table")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    torch.set_num_threads(args.threads)
+    tune_allocator()
+    res: dict = {"size": args.size, "threads": args.threads, "rounds": args.rounds,
+                 "load_before": os.getloadavg()[0], "layers": [], "forward": []}
+    if not args.skip_layers:
+        pw: set = set()
+        w3: set = set()
+        for arch in args.arch:
+            a, b = layer_shapes(arch, h, w)
+            pw |= a
+            w3 |= b
+        res["layers"] = bench_layers(pw, w3, args.rounds)
+        print(f"{'layer':<16} {'shape':<10} {'plain ms':>9} {'kernel ms':>10} {'speed-up':>8}  route")
+        for r in res["layers"]:
+            print(f"{r['layer']:<16} {r['shape']:<10} {r['plain_ms']:9.1f} {r['kernel_ms']:10.1f} "
+                  f"{r['plain_ms'] / r['kernel_ms']:7.2f}x  {r['route']}")
+        print()
+    print(f"{'model':<8} {'forward, kernels off':>21} {'kernels on':>11} {'speed-up':>8}   ({args.size}, "
+          f"{args.threads} threads, median of {args.rounds})")
+    for arch in args.arch:
+        r = bench_forward(arch, h, w, args.rounds)
+        res["forward"].append(r)
+        print(f"{arch:<8} {r['off_s'] * 1e3:19.0f} ms {r['on_s'] * 1e3:8.0f} ms {r['off_s'] / r['on_s']:7.2f}x")
+    res["load_after"] = os.getloadavg()[0]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
