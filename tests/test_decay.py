@@ -125,11 +125,11 @@ def test_mask_grad_clip_bounds_masks_under_a_huge_loss_scale() -> None:
 
 def test_bn_scale_l1_shrinks_norm_scales_not_masks() -> None:
     model, teacher, x, masks, decay, opt = _setup(md.BNScaleL1(strength=1e-2), steps=10)
-    before = sum(float(m.weight.abs().sum()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = sum(float(m.weight.detach().abs().sum()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     for _ in range(9):
         _train_step(model, teacher, x, decay, opt)
         assert all(bool((v == 1).all()) for v in masks.values)
-    after = sum(float(m.weight.abs().sum()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    after = sum(float(m.weight.detach().abs().sum()) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert after < before
 
 
