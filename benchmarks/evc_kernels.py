@@ -3,14 +3,16 @@
     .venv/bin/python benchmarks/evc_kernels.py [--arch EVC_SS EVC_LL] [--size 768x512] [--threads 2]
                                                [--rounds 5] [--json out.json]
 
-Two tables:
+Three tables:
 
 1. every distinct 1x1 and dense 3x3 stride-1 layer shape of the chosen models' networks-only forward: the plain
    route (MKL ``addmm`` + in-place activation; oneDNN direct 3x3 convolution) against the route the kernels'
    rules pick (oneDNN 1x1 with fused epilogue; Winograd F(4x4,3x3)), each timed as the best of ``--rounds``
    interleaved calls;
 2. the networks-only forward (``evc bench``'s "forward" stage) with the kernels off and on, interleaved
-   (off, on, off, on, ...), median of ``--rounds``.
+   (off, on, off, on, ...), median of ``--rounds``;
+3. the exact float64 synthesis (``FastExactNet(model.dec)``, the CLI's default decoder) with its pixel/row bands
+   and without them (one band), interleaved, median of ``--rounds``; outputs checked bit-identical.
 
 Random weights (seed 0) and the bench's synthetic image; ratios are the meaningful numbers on a shared machine.
 """
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 from evc import build_model
 from evc.bench import _forward_fn, synthetic_image
-from evc.fast import FastEngine, tune_allocator
+from evc.fast import FastEngine, FastExactNet, tune_allocator
 from evc.kernels import Pointwise, Winograd3x3, use_winograd
 
 
@@ -114,6 +116,25 @@ def bench_forward(arch: str, h: int, w: int, rounds: int) -> dict:
             "runs": times}
 
 
+def bench_exact_synthesis(arch: str, h: int, w: int, rounds: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    g = torch.Generator().manual_seed(1)
+    y = (torch.randn(1, model.N, h // 16, w // 16, generator=g, dtype=torch.float64) * 2).round()
+    nets = {"one band": FastExactNet(model.dec, band_bytes=1 << 62), "banded": FastExactNet(model.dec)}
+    outs = {k: n(y) for k, n in nets.items()}
+    if not torch.equal(outs["one band"], outs["banded"]):
+        raise AssertionError("banded exact synthesis differs from the unbanded one")
+    times: dict[str, list[float]] = {k: [] for k in nets}
+    for _ in range(rounds):
+        for k, n in nets.items():
+            t = time.perf_counter()
+            n(y)
+            times[k].append(time.perf_counter() - t)
+    return {"arch": arch, "one_band_s": statistics.median(times["one band"]),
+            "banded_s": statistics.median(times["banded"]), "runs": times}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", nargs="+", default=["EVC_SS", "EVC_LL"])
@@ -147,6 +168,14 @@ def main() -> None:
         r = bench_forward(arch, h, w, args.rounds)
         res["forward"].append(r)
         print(f"{arch:<8} {r['off_s'] * 1e3:19.0f} ms {r['on_s'] * 1e3:8.0f} ms {r['off_s'] / r['on_s']:7.2f}x")
+    print()
+    print(f"{'model':<8} {'exact synthesis, one band':>26} {'banded':>9} {'speed-up':>8}   (bit-identical)")
+    res["exact_synthesis"] = []
+    for arch in args.arch:
+        r = bench_exact_synthesis(arch, h, w, args.rounds)
+        res["exact_synthesis"].append(r)
+        print(f"{arch:<8} {r['one_band_s'] * 1e3:23.0f} ms {r['banded_s'] * 1e3:6.0f} ms "
+              f"{r['one_band_s'] / r['banded_s']:7.2f}x")
     res["load_after"] = os.getloadavg()[0]
     if args.json:
         with open(args.json, "w") as f:

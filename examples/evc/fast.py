@@ -21,7 +21,8 @@ Two kinds of networks run in a codec, with different rules:
   matrix, the adaptor of a block is merged into the block's first GEMM (same input, same grid), a dense 3x3
   convolution is 9 GEMMs over shifted contiguous windows of the zero-padded, row-flattened input, a depthwise 3x3
   is 9 shifted multiply-adds that skip the zero padding (every partial sum is an integer below 2^53, so any
-  grouping of the sum is exact), and per-pixel work runs in bands. Tests check ``torch.equal`` against ExactNet.
+  grouping of the sum is exact), and per-pixel work runs in bands (at any thread count). Tests check ``torch.equal``
+  against ExactNet.
   It is not faster than ExactNet on a CPU: both are bound by float64 GEMMs (docs/performance.md).
 
 :class:`FastEngine` bundles both for :func:`evc.compress` / :func:`evc.decompress` / :func:`evc.reconstruct`
@@ -518,9 +519,12 @@ def _lrelu_(x: torch.Tensor, slope: float | None) -> torch.Tensor:
 
 
 def _band(total: int, per_item_bytes: int, band_bytes: int) -> int:
-    """Items per band so that one band of the largest intermediate is about ``band_bytes`` (all items in one band
-    where banding does not pay, see :func:`_use_bands`)."""
-    if not _use_bands(total * per_item_bytes, band_bytes):
+    """Items per band of the exact path, so that one band of the largest intermediate is about ``band_bytes`` (all
+    items in one band below 4 bands). Unlike the float path this bands at any thread count: float64 GEMMs over
+    ~100k pixels run at half the rate of the same GEMMs in bands (MKL dgemm (98304 x 64) @ (64 x 256): 27 GFLOP/s,
+    (16384 x 64) @ (64 x 256): 53 GFLOP/s, 2 threads), and the EVC_SS exact synthesis at 768x512 took 0.84-0.88 s
+    banded vs 0.99-1.00 s unbanded with 2 threads (idle machine); the prior networks at 1920x1088 were equal."""
+    if total * per_item_bytes <= 4 * band_bytes:
         return total
     return max(1, min(total, band_bytes // max(1, per_item_bytes)))
 
@@ -562,12 +566,12 @@ class _XLin:
         self.bias = torch.cat(bs_).to(device)
         self.out_channels = self.wqt.shape[1]
 
-    def rows(self, xf: torch.Tensor) -> torch.Tensor:
-        """(P, C_in) -> (P, C_out): the exact evaluation, pixel by pixel."""
+    def rows(self, xf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(P, C_in) -> (P, C_out): the exact evaluation, pixel by pixel (into ``out`` when given)."""
         # amax and amin separately: faster than aminmax over a short contiguous dim; max is exact either way
         e = _exponent(torch.maximum(xf.amax(1, keepdim=True), xf.amin(1, keepdim=True).neg_())) - self.a_bits
         xq = torch.mul(xf, pow2(-e)).round_()
-        acc = torch.mm(xq, self.wqt)  # exact integer sums in float64
+        acc = torch.mm(xq, self.wqt, out=out)  # exact integer sums in float64
         return acc.mul_(self.scale_w).mul_(pow2(e)).add_(self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -579,9 +583,10 @@ class _XLin:
         return list(torch.split(out, self.splits, dim=-1))
 
 
-def _pixels_banded(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out_channels: int,
+def _pixels_banded(fn: Callable[..., torch.Tensor], x: torch.Tensor, out_channels: int,
                    per_pixel_bytes: int, band_bytes: int) -> torch.Tensor:
-    """Apply a per-pixel function to (..., C) data in bands of pixels (exact: every pixel is independent)."""
+    """Apply a per-pixel function ``fn(rows, out=None)`` to (..., C) data in bands of pixels, each band written
+    straight into its slice of the output (exact: every pixel is independent)."""
     shape = x.shape
     xf = x.reshape(-1, shape[-1])
     n = xf.shape[0]
@@ -590,7 +595,7 @@ def _pixels_banded(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
         return fn(xf).view(*shape[:-1], out_channels)
     out = torch.empty(n, out_channels, dtype=x.dtype, device=x.device)
     for s in range(0, n, step):
-        out[s:s + step] = fn(xf[s:s + step])
+        fn(xf[s:s + step], out=out[s:s + step])
     return out.view(*shape[:-1], out_channels)
 
 
@@ -747,8 +752,8 @@ class _ExactBuilder(_LayerWalker):
         c1, c2, sa, sb = _ffn_parts(m)
         l1, l2 = _XLin([c1], self.dev), _XLin([c2], self.dev)
 
-        def rows(xf: torch.Tensor) -> torch.Tensor:
-            return _lrelu_(l2.rows(_lrelu_(l1.rows(xf), sa)), sb).add_(xf)
+        def rows(xf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            return _lrelu_(l2.rows(_lrelu_(l1.rows(xf), sa), out=out), sb).add_(xf)
 
         per_px = (l1.fan_in + 2 * l1.out_channels + l2.out_channels) * 8
         return lambda x: _pixels_banded(rows, x, l2.out_channels, per_px, self.band_bytes)
