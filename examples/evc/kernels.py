@@ -110,7 +110,7 @@ class ConvKxK:
         self.onednn = onednn
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        xv = x.permute(0, 3, 1, 2)
+        xv = x.contiguous().permute(0, 3, 1, 2)  # a channels-last view (the copy happens only for strided input)
         if self.onednn:
             y = _onednn_conv(xv, self.w, self.b, self.padding, self.stride, self.groups, self.act)
         else:

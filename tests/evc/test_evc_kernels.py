@@ -84,6 +84,9 @@ def test_convkxk_paths(onednn, groups, stride):
     ref = F.leaky_relu(F.conv2d(x.permute(0, 3, 1, 2), w, b, stride, 1, 1, groups), 0.1).permute(0, 2, 3, 1)
     assert out.shape == ref.shape and out.is_contiguous()
     assert _rel(out, ref) < 1e-5
+    xs = x[:, :, ::2]  # strided input
+    ref_s = F.leaky_relu(F.conv2d(xs.permute(0, 3, 1, 2), w, b, stride, 1, 1, groups), 0.1).permute(0, 2, 3, 1)
+    assert _rel(ConvKxK(w, b, (stride, stride), (1, 1), groups, 0.1, onednn=onednn)(xs), ref_s) < 1e-5
 
 
 def test_use_winograd_conditions():
