@@ -149,6 +149,21 @@ def forward_macs(model: Any, height: int, width: int) -> int:
     return counts[0] * (height * width) // (64 * 64)
 
 
+def sgemm_probe(size: int = 1024, reps: int = 5) -> float:
+    """The machine's current float32 GEMM rate in GFLOP/s (best of ``reps`` square ``size`` matmuls with torch's
+    thread setting): recorded before and after a CPU bench, because a shared host's speed drifts (docs/performance.md
+    saw the same forward take 0.58 s and 0.83 s within an hour), so absolute times can be read against it."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=g), torch.randn(size, size, generator=g)
+    a @ b
+    best = math.inf
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * size ** 3 / best / 1e9
+
+
 def _pct(v: list[float], p: float) -> float:
     s = sorted(v)
     return s[min(len(s) - 1, max(0, math.ceil(p / 100 * len(s)) - 1))]
@@ -202,6 +217,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     def add(name: str, key: str, v: float) -> None:
         times[name].setdefault(key, []).append(v)
 
+    probe_before = sgemm_probe() if dev.type == "cpu" else None
     load_before = os.getloadavg()
     t_first: dict[str, float] = {}
     for it in range(cfg.warmup + cfg.runs):
@@ -245,6 +261,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
             if timed and "enc_networks" in tn and "dec_exact_networks" in tn:
                 add(name, "codec_networks_exact", tn["enc_networks"][-1] + tn["dec_exact_networks"][-1])
     load_after = os.getloadavg()
+    probe_after = sgemm_probe() if dev.type == "cpu" else None
 
     res: dict[str, Any] = {
         "config": {"arch": cfg.arch, "size": f"{w}x{h}", "padded": f"{x.shape[-1] + (-w) % 64}x{h + (-h) % 64}",
@@ -256,6 +273,8 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
         "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                     "torch": torch.__version__, "loadavg_before": [round(v, 2) for v in load_before],
                     "loadavg_after": [round(v, 2) for v in load_after],
+                    "sgemm_gflops_before": probe_before and round(probe_before, 1),
+                    "sgemm_gflops_after": probe_after and round(probe_after, 1),
                     "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
         "forward_gmac": forward_macs(model, xp.shape[-2], xp.shape[-1]) / 1e9 if "forward" in cfg.stages else None,
         "fast_engine_build_s": round(build_s, 3),
@@ -359,7 +378,9 @@ def format_table(res: dict[str, Any]) -> str:
              + ("" if c.get("kernels", True) else " no-kernels")
              + f"; random weights; median (p90) of {c['runs']} runs after {c['warmup']} warm-up",
              f"load average before {m['loadavg_before'][0]:.2f}, after {m['loadavg_after'][0]:.2f} "
-             f"({m['cpu_count']} CPUs)"]
+             f"({m['cpu_count']} CPUs)"
+             + (f"; sgemm 1024^2 before {m['sgemm_gflops_before']:.0f}, after {m['sgemm_gflops_after']:.0f} GFLOP/s"
+                if m.get("sgemm_gflops_before") else "")]
     head = f"{'stage':<46}" + "".join(f"{n + ' ms':>22}" for n in names)
     if "speedup" in res:
         head += f"{'speedup':>9}"

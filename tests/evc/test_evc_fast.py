@@ -164,6 +164,8 @@ def test_bench_fast_cli(tmp_path, capsys):
         assert d["results"]["fast"][k]["median_s"] > 0 and k in d["speedup"]
     assert d["streams_identical"] and d["cross_decode_identical"]
     assert len(d["machine"]["loadavg_before"]) == 3
+    assert d["machine"]["sgemm_gflops_before"] > 0 and d["machine"]["sgemm_gflops_after"] > 0
+    assert "sgemm 1024^2 before" in out
     assert d["config"]["kernels"] is True
     assert cli(["bench", "--arch", "mini_EVC_SS", "--size", "64x64", "--runs", "1", "--warmup", "0",
                 "--stages", "forward", "--no-reference", "--no-kernels", "--json", str(j)]) == 0
