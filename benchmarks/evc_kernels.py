@@ -35,17 +35,23 @@ from evc.fast import FastEngine, FastExactNet, tune_allocator
 from evc.kernels import Pointwise, Winograd3x3, use_winograd
 
 
-def _best(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Best time of each function over interleaved rounds (after one warm-up call each), in ms."""
+def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each function over ``rounds`` interleaved rounds (f1, f2, f1, f2, ...), after one
+    warm-up call each."""
     for f in fns.values():
         f()
-    best = {k: math.inf for k in fns}
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
             t = time.perf_counter()
             f()
-            best[k] = min(best[k], (time.perf_counter() - t) * 1e3)
-    return best
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def _best(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Best time of each function over interleaved rounds, in ms."""
+    return {k: min(v) * 1e3 for k, v in _interleaved(fns, rounds).items()}
 
 
 def layer_shapes(arch: str, h: int, w: int) -> tuple[set[tuple[int, int, int]], set[tuple[int, int, int, int]]]:
@@ -102,16 +108,8 @@ def bench_forward(arch: str, h: int, w: int, rounds: int) -> dict:
     torch.manual_seed(0)
     model = build_model(arch).eval()
     x = synthetic_image(w, h)
-    fns = {"off": _forward_fn(model, x, FastEngine(model, kernels=False)),
-           "on": _forward_fn(model, x, FastEngine(model, kernels=True))}
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
+    times = _interleaved({"off": _forward_fn(model, x, FastEngine(model, kernels=False)),
+                          "on": _forward_fn(model, x, FastEngine(model, kernels=True))}, rounds)
     return {"arch": arch, "off_s": statistics.median(times["off"]), "on_s": statistics.median(times["on"]),
             "runs": times}
 
@@ -122,15 +120,9 @@ def bench_exact_synthesis(arch: str, h: int, w: int, rounds: int) -> dict:
     g = torch.Generator().manual_seed(1)
     y = (torch.randn(1, model.N, h // 16, w // 16, generator=g, dtype=torch.float64) * 2).round()
     nets = {"one band": FastExactNet(model.dec, band_bytes=1 << 62), "banded": FastExactNet(model.dec)}
-    outs = {k: n(y) for k, n in nets.items()}
-    if not torch.equal(outs["one band"], outs["banded"]):
+    if not torch.equal(nets["one band"](y), nets["banded"](y)):
         raise AssertionError("banded exact synthesis differs from the unbanded one")
-    times: dict[str, list[float]] = {k: [] for k in nets}
-    for _ in range(rounds):
-        for k, n in nets.items():
-            t = time.perf_counter()
-            n(y)
-            times[k].append(time.perf_counter() - t)
+    times = _interleaved({k: (lambda n=n: n(y)) for k, n in nets.items()}, rounds)
     return {"arch": arch, "one_band_s": statistics.median(times["one band"]),
             "banded_s": statistics.median(times["banded"]), "runs": times}
 
@@ -141,7 +133,7 @@ def main() -> None:
     ap.add_argument("--size", default="768x512", help="WxH (multiple of 64)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--skip-layers", action="store_true", help="only the forward table")
+    ap.add_argument("--skip-layers", action="store_true", help="skip the per-layer table")
     ap.add_argument("--json")
     args = ap.parse_args()
     w, h = (int(v) for v in args.size.lower().split("x"))

@@ -77,12 +77,13 @@ _BAND_BYTES = 1 << 23
 _EXACT_BAND_BYTES = 1 << 24
 
 
-def _use_bands(total_bytes: int, band_bytes: int) -> bool:
-    """Banding pays only single-threaded and for intermediates well above one band (4 bands; with the default
-    sizes that is beyond a 32 MiB L3 for the float path). Measured on the project's
-    2-core machine under load: 1 thread, EVC_SS encoder 1.06-1.09 s banded vs 1.20 s unbanded; 2 threads, 2.9 s
-    banded vs 1.8 s unbanded (every band is an OpenMP region whose threads wait for each other)."""
-    return torch.get_num_threads() == 1 and total_bytes > 4 * band_bytes
+def _use_bands(total_bytes: int, band_bytes: int, single_thread_only: bool = True) -> bool:
+    """Banding pays only for intermediates well above one band (4 bands; with the default sizes that is beyond a
+    32 MiB L3 for the float path) and, on the float path, only single-threaded. Measured on the project's 2-core
+    machine under load: 1 thread, EVC_SS encoder 1.06-1.09 s banded vs 1.20 s unbanded; 2 threads, 2.9 s banded vs
+    1.8 s unbanded (every band is an OpenMP region whose threads wait for each other). The exact path bands at any
+    thread count (``single_thread_only=False``, see :func:`_band`)."""
+    return total_bytes > 4 * band_bytes and (not single_thread_only or torch.get_num_threads() == 1)
 
 
 def to_nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -520,11 +521,12 @@ def _lrelu_(x: torch.Tensor, slope: float | None) -> torch.Tensor:
 
 def _band(total: int, per_item_bytes: int, band_bytes: int) -> int:
     """Items per band of the exact path, so that one band of the largest intermediate is about ``band_bytes`` (all
-    items in one band below 4 bands). Unlike the float path this bands at any thread count: float64 GEMMs over
-    ~100k pixels run at half the rate of the same GEMMs in bands (MKL dgemm (98304 x 64) @ (64 x 256): 27 GFLOP/s,
-    (16384 x 64) @ (64 x 256): 53 GFLOP/s, 2 threads), and the EVC_SS exact synthesis at 768x512 took 0.84-0.88 s
-    banded vs 0.99-1.00 s unbanded with 2 threads (idle machine); the prior networks at 1920x1088 were equal."""
-    if total * per_item_bytes <= 4 * band_bytes:
+    items in one band where :func:`_use_bands` says so). Unlike the float path this bands at any thread count:
+    float64 GEMMs over ~100k pixels run at half the rate of the same GEMMs in bands (MKL dgemm (98304 x 64) @
+    (64 x 256): 27 GFLOP/s, (16384 x 64) @ (64 x 256): 53 GFLOP/s, 2 threads), and the EVC_SS exact synthesis at
+    768x512 took 0.84-0.88 s banded vs 0.99-1.00 s unbanded with 2 threads (idle machine); the prior networks at
+    1920x1088 were equal."""
+    if not _use_bands(total * per_item_bytes, band_bytes, single_thread_only=False):
         return total
     return max(1, min(total, band_bytes // max(1, per_item_bytes)))
 
