@@ -7,6 +7,8 @@
 # Every step has its own time limit and the script skips what is left once DEADLINE_S (default 420) seconds have
 # passed, so a short GPU lease always gets the most important numbers first. Logs and JSON go to OUT_DIR; the JSON
 # files are also packed into OUT_DIR/json.tar. Set DEVICE=cpu and SMALL=1 to dry-run the script on a CPU machine.
+# SET=compile runs a shorter set instead: the CUDA tests, fp32 reference vs fast at the first size for EVC_SS and
+# EVC_LL, then `--compile` (fp32 against the reference, fp16 alone, fp16 + CUDA graphs for comparison).
 # Without an installed package, run it from the repository root: it puts the repo and examples/ on PYTHONPATH.
 set -u
 OUT=${1:?usage: benchmarks/evc_gpu.sh OUT_DIR [IMAGES_DIR] [MODEL]}
@@ -40,6 +42,18 @@ bench() {  # bench TAG ARGS...
     local tag=$1; shift
     step "bench $tag" 150 $PY -m evc bench --device "$DEVICE" --runs "$RUNS" --warmup 2 --json "$OUT/json/bench_$tag.json" "$@"
 }
+if [[ "${SET:-full}" == compile ]]; then
+    for arch in "${ARCHS[0]}" "${ARCHS[-1]}"; do bench "${arch}_${SIZES[0]}_fp32" --arch "$arch" --size "${SIZES[0]}"; done
+    step "bench compile fp32" 240 $PY -m evc bench --device "$DEVICE" --runs "$RUNS" --warmup 2 --arch "${ARCHS[0]}" \
+        --size "${SIZES[0]}" --compile --json "$OUT/json/bench_${ARCHS[0]}_${SIZES[0]}_fp32_compile.json"
+    [[ "$DEVICE" == cuda* ]] && for extra in "--compile" "--cuda-graphs"; do
+        bench "${ARCHS[0]}_${SIZES[0]}_fp16${extra/--/_}" --arch "${ARCHS[0]}" --size "${SIZES[0]}" --dtype fp16 \
+            $extra --no-reference
+    done
+    tar -C "$OUT" -cf "$OUT/json.tar" json && rm -r "$OUT/json"
+    echo "== done in $(( $(date +%s) - START ))s" | tee -a "$LOG"
+    exit 0
+fi
 # fp32: reference and fast path interleaved (the speed-up and the identical-stream check), then the reduced
 # precisions and CUDA graphs on the fast path alone.
 for size in "${SIZES[@]}"; do

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 from abc import ABC, abstractmethod
 from typing import Callable, NamedTuple, NoReturn, Sequence
 
@@ -75,6 +76,8 @@ _BAND_BYTES = 1 << 23
 #: GEMMs with fewer rows lose more than the cache gains (bench, 1 thread: 4 MiB bands made the entropy-parameter
 #: networks 0.82x the reference at 1920x1088)
 _EXACT_BAND_BYTES = 1 << 24
+#: a band size no intermediate reaches: bands off
+_NO_BANDS = 1 << 62
 
 
 def _use_bands(total_bytes: int, band_bytes: int, single_thread_only: bool = True) -> bool:
@@ -84,6 +87,12 @@ def _use_bands(total_bytes: int, band_bytes: int, single_thread_only: bool = Tru
     1.8 s unbanded (every band is an OpenMP region whose threads wait for each other). The exact path bands at any
     thread count (``single_thread_only=False``, see :func:`_band`)."""
     return total_bytes > 4 * band_bytes and (not single_thread_only or torch.get_num_threads() == 1)
+
+
+def _bands_on(device: torch.device, band_bytes: int) -> int:
+    """``band_bytes`` where bands apply, else a size no intermediate reaches. Bands are a CPU cache measure: on a GPU
+    they only multiply kernel launches (H200, EVC_LL 768x512: exact synthesis 81 ms banded vs 23 ms in one piece)."""
+    return band_bytes if device.type == "cpu" else _NO_BANDS
 
 
 def to_nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -423,6 +432,17 @@ class _Runner:
         return out
 
 
+def _own_code(fn: Fn) -> Fn:
+    """``fn`` behind a wrapper with a code object of its own. Dynamo keeps its compiled graphs and its recompile
+    limit (8) per code object, and every built transform is a closure of the same ``chain`` code: without this the
+    ninth (transform, shape) pair of a process silently runs uncompiled."""
+    def compiled_transform(x: torch.Tensor) -> torch.Tensor:
+        return fn(x)
+    code = compiled_transform.__code__.replace()  # a distinct code object, hence a distinct dynamo cache
+    return types.FunctionType(code, compiled_transform.__globals__, code.co_name, None,
+                              compiled_transform.__closure__)
+
+
 class FastTransform(_Runner):
     """Fused channels-last evaluation of an EVC float transform (``enc``, ``hyper_enc``, ``dec``, or a prior
     network in float).
@@ -436,7 +456,7 @@ class FastTransform(_Runner):
         device: where to run (default: the module's device).
         compile: wrap the evaluation in ``torch.compile`` (the first call per input shape compiles).
         cuda_graphs: on CUDA, capture one graph per input shape and replay it.
-        band_bytes: size of the row bands of the 4x-wide FFN intermediates.
+        band_bytes: size of the row bands of the 4x-wide FFN intermediates (CPU only).
         kernels: use the CPU kernels of :mod:`evc.kernels` (oneDNN convolutions with fused epilogues, Winograd) where
             their rules select them; False gives the plain GEMM/oneDNN executor (for comparisons). Off under
             ``compile``.
@@ -447,11 +467,11 @@ class FastTransform(_Runner):
                  kernels: bool = True) -> None:
         dev = torch.device(device) if device is not None else next(module.parameters()).device
         super().__init__(dev, dtype, cuda_graphs)
-        if compile:  # one graph without Python band loops; inductor fuses the FFN epilogues itself
-            band_bytes = 1 << 62
+        # under compile: one graph without Python band loops (inductor fuses the FFN epilogues itself)
+        band_bytes = _NO_BANDS if compile else _bands_on(dev, band_bytes)
         self._fn = _FloatBuilder(dtype, dev, band_bytes, kernels=kernels and not compile).module(module)
         if compile:
-            self._fn = torch.compile(self._fn, dynamic=False)
+            self._fn = torch.compile(_own_code(self._fn), dynamic=False)
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         return to_nhwc(x.to(self.device, self.dtype))
@@ -780,12 +800,13 @@ class _ExactBuilder(_LayerWalker):
 class FastExactNet:
     """Channels-last twin of :class:`evc.exact.ExactNet` with bit-identical float64 outputs (NCHW in and out).
 
-    Use :meth:`nhwc` to stay channels-last between networks."""
+    Use :meth:`nhwc` to stay channels-last between networks. ``band_bytes`` sizes the pixel bands of the widest
+    intermediate on the CPU (no bands on other devices); any band size gives the same numbers."""
 
     def __init__(self, module: nn.Module, device: torch.device | str | None = None,
                  band_bytes: int = _EXACT_BAND_BYTES) -> None:
         dev = torch.device(device) if device is not None else next(module.parameters()).device
-        self._fn = _ExactBuilder(dev, band_bytes).module(module)
+        self._fn = _ExactBuilder(dev, _bands_on(dev, band_bytes)).module(module)
 
     @torch.no_grad()
     def nhwc(self, x: torch.Tensor) -> torch.Tensor:
