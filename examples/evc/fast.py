@@ -560,7 +560,7 @@ class _XLin:
 
     def __init__(self, convs: Sequence[nn.Conv2d], device: torch.device,
                  rows: Sequence[torch.Tensor | None] | None = None) -> None:
-        wqs, sws, bs_ = [], [], []
+        wqs, ks, bs_ = [], [], []
         fan_in = None
         self.splits: list[int] = []
         for i, conv in enumerate(convs):
@@ -577,14 +577,15 @@ class _XLin:
             if perm is not None:
                 wq, k, b = wq[perm], k[perm], b[perm]
             wqs.append(wq)
-            sws.append(pow2(k))
+            ks.append(k)
             bs_.append(b)
             self.splits.append(w.shape[0])
         assert fan_in is not None
         self.fan_in = fan_in
         self.a_bits = _a_bits(fan_in)
-        self.wqt = torch.cat(wqs).t().contiguous().to(device)  # (C_in, C_out_total)
-        self.scale_w = torch.cat(sws).to(device)
+        wq, scale_w = _fold_scales(torch.cat(wqs), torch.cat(ks), 0)
+        self.wqt = wq.t().contiguous().to(device)  # (C_in, C_out_total)
+        self.scale_w = scale_w.to(device) if scale_w is not None else None
         self.bias = torch.cat(bs_).to(device)
         self.out_channels = self.wqt.shape[1]
 
@@ -593,8 +594,10 @@ class _XLin:
         # amax and amin separately: faster than aminmax over a short contiguous dim; max is exact either way
         e = _exponent(torch.maximum(xf.amax(1, keepdim=True), xf.amin(1, keepdim=True).neg_())) - self.a_bits
         xq = torch.mul(xf, pow2(-e)).round_()
-        acc = torch.mm(xq, self.wqt, out=out)  # exact integer sums in float64
-        return acc.mul_(self.scale_w).mul_(pow2(e)).add_(self.bias)
+        acc = torch.mm(xq, self.wqt, out=out)  # exact (scaled) integer sums in float64
+        if self.scale_w is not None:
+            acc.mul_(self.scale_w)
+        return acc.mul_(pow2(e)).add_(self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -627,6 +630,21 @@ def _sample_exponent(x: torch.Tensor, a_bits: int) -> torch.Tensor:
     return (_exponent(torch.maximum(flat.amax(1), flat.amin(1).neg_())) - a_bits).view(b, 1, 1, 1)
 
 
+def _fold_scales(wq: torch.Tensor, k: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold the per-row power-of-two weight scales into the integer weights where that is exact.
+
+    The reference multiplies the exact integer sums by ``2**k`` afterwards. With ``wq * 2**k`` as the weights every
+    product and every partial sum of output channel j is an integer below 2^53 times ``2**k_j``, so the GEMM returns
+    the same scaled sums exactly, and one pass over the output is saved. Exact while ``2**k_j`` keeps such numbers
+    normal and finite (-1022 <= k_j <= 969, i.e. any realistic weights); otherwise the scales stay separate.
+    Returns (weights, scales to apply afterwards or None)."""
+    if int(k.min()) >= -1022 and int(k.max()) <= 1023 - 54:
+        shape = [1] * wq.dim()
+        shape[dim] = -1
+        return wq * pow2(k).view(shape), None
+    return wq, pow2(k)
+
+
 class _XDW:
     """Exact 3x3 depthwise convolution on NHWC: per-sample activation grid, 9 multiply-adds on integers (taps that
     fall on the zero padding are skipped, which only drops exact zeros), evaluated in bands of rows."""
@@ -637,9 +655,9 @@ class _XDW:
             raise NotImplementedError("exact path supports only stride-1 3x3 depthwise convolutions")
         w = conv.weight.detach().to(torch.float64)[:, 0]
         self.a_bits = _MANT - W_BITS - 4
-        wq, k = quantize_rows(w.flatten(1))
+        wq, scale_w = _fold_scales(*quantize_rows(w.flatten(1)), 0)
         self.wq = wq.t().contiguous().to(device)  # (9, C)
-        self.scale_w = pow2(k).to(device)
+        self.scale_w = scale_w.to(device) if scale_w is not None else None
         self.bias = conv.bias.detach().to(torch.float64).to(device)
 
     def prepare(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -658,7 +676,9 @@ class _XDW:
             if o0 >= o1:
                 continue
             acc[:, o0 - r0:o1 - r0, c0:c1].addcmul_(xq[:, o0 + di:o1 + di, c0 + dj:c1 + dj], self.wq[t])
-        return acc.mul_(self.scale_w).mul_(pow2(e)).add_(self.bias)
+        if self.scale_w is not None:
+            acc.mul_(self.scale_w)
+        return acc.mul_(pow2(e)).add_(self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xq, e = self.prepare(x)
@@ -676,10 +696,10 @@ class _XConv3:
             raise NotImplementedError("exact path supports only stride-1 3x3 dense convolutions here")
         w = conv.weight.detach().to(torch.float64)  # (O, C, 3, 3)
         self.a_bits = _a_bits(w[0].numel())
-        wq, k = quantize_rows(w.flatten(1))
+        wq, scale_w = _fold_scales(*quantize_rows(w.flatten(1)), 0)
         wq = wq.view_as(w)
         self.taps = [wq[:, :, i, j].t().contiguous().to(device) for i in range(3) for j in range(3)]  # (C, O)
-        self.scale_w = pow2(k).to(device)
+        self.scale_w = scale_w.to(device) if scale_w is not None else None
         self.bias = conv.bias.detach().to(torch.float64).to(device)
         self.band_bytes = band_bytes
 
@@ -701,7 +721,9 @@ class _XConv3:
                     off = n0 + (t // 3) * wp + t % 3
                     acc.addmm_(flat[s, off:off + n], self.taps[t])
                 out[s, r0:r1] = acc.view(r1 - r0, wp, o)[:, :w]
-        return out.mul_(self.scale_w).mul_(pow2(e)).add_(self.bias)
+        if self.scale_w is not None:
+            out.mul_(self.scale_w)
+        return out.mul_(pow2(e)).add_(self.bias)
 
 
 class _ExactBuilder(_LayerWalker):

@@ -53,6 +53,30 @@ def test_fast_exact_twin_is_bit_identical(mini, name, cin_mult, down):
     assert torch.equal(FastExactNet(mod, band_bytes=2048)(x), ref)  # banded evaluation (tiny bands)
 
 
+def test_fast_exact_twin_folds_weight_scales_only_where_exact(mini):
+    """The twin folds each row's power-of-two weight scale into the integer weights (one pass less per layer) only
+    while that stays exact; with weights scaled into the subnormal range it keeps the scales separate, and both
+    ways stay bit-identical to ExactNet."""
+    import copy
+
+    from evc.exact import pow2
+    from evc.fast import _fold_scales
+
+    wq = torch.tensor([[3.0, -5.0], [7.0, 1.0]], dtype=torch.float64)
+    folded, rest = _fold_scales(wq, torch.tensor([-30, 4]), 0)
+    assert rest is None and torch.equal(folded, wq * torch.tensor([[2.0 ** -30], [16.0]], dtype=torch.float64))
+    kept, rest = _fold_scales(wq, torch.tensor([-1040, 0]), 0)
+    assert torch.equal(kept, wq) and rest is not None and torch.equal(rest, pow2(torch.tensor([-1040, 0])))
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(1, mini.N, 5, 6, generator=g, dtype=torch.float64) * 3).round()
+    tiny = copy.deepcopy(mini.y_prior_fusion)
+    with torch.no_grad():
+        for conv in (tiny[0].block[0].conv1[0], tiny[0].block[0].depth_conv, tiny[0].block[1].conv[0]):
+            conv.weight.mul_(2.0 ** -1030)  # rows land below 2^-1022: those layers keep the scales separate
+    for net in (mini.y_prior_fusion, tiny):
+        assert torch.equal(FastExactNet(net)(x), ExactNet(net)(x))
+
+
 @pytest.mark.parametrize("name", ["enc", "hyper_enc", "dec"])
 def test_fast_transform_matches_eager(mini, name):
     """Fused NHWC float32 transform vs the module: relative max error < 1e-5 (float32 noise)."""
