@@ -218,11 +218,11 @@ def _uniform(size: int) -> object:
     return _model.Uniform(size)
 
 
-def _split_escapes(values: np.ndarray, idx: np.ndarray, los: np.ndarray,
-                   escs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    v = values - los[idx]
-    esc_mask = (v < 0) | (v >= escs[idx])
-    return v, esc_mask
+def _group_order(idx: np.ndarray, n_tables: int) -> np.ndarray:
+    """The stable argsort of table indices (symbols grouped by table, in stream order within a table). On 16-bit keys
+    numpy sorts by radix: 4-5x faster than on int64 for the ~157k symbols of a 768x512 pass, same permutation."""
+    key = idx.astype(np.int16) if n_tables <= np.iinfo(np.int16).max else idx
+    return np.argsort(key, kind="stable")
 
 
 def _table_arrays(tables: Sequence[Table]) -> tuple[np.ndarray, np.ndarray]:
@@ -250,9 +250,11 @@ class SymbolWriter:
         if values.size and np.abs(values).max() >= MAX_ABS_SYMBOL:
             raise StreamError("latent symbol out of the codable range (|s| >= 2^29); input or weights are broken")
         los, escs = _table_arrays(tables)
-        v, esc = _split_escapes(values, idx, los, escs)
-        cat = np.where(esc, escs[idx], v)
-        order = np.argsort(idx, kind="stable")
+        esc_of = escs[idx]  # each symbol's escape category
+        v = values - los[idx]
+        esc = (v < 0) | (v >= esc_of)
+        cat = np.where(esc, esc_of, v)
+        order = _group_order(idx, len(tables))
         counts = np.bincount(idx, minlength=len(tables))
         start = 0
         sorted_cat = cat[order]
@@ -322,7 +324,7 @@ class SymbolReader:
         shape = np.shape(idx)
         idx = np.asarray(idx, dtype=np.int64).ravel()
         los, escs = _table_arrays(tables)
-        order = np.argsort(idx, kind="stable")
+        order = _group_order(idx, len(tables))
         counts = np.bincount(idx, minlength=len(tables))
         cat_sorted = np.empty(idx.size, dtype=np.int64)
         start = 0
@@ -330,14 +332,14 @@ class SymbolReader:
             if n:
                 cat_sorted[start:start + n] = self._pop(n, tables[t].model)
                 start += n
-        cat = np.empty(idx.size, dtype=np.int64)
-        cat[order] = cat_sorted
-        if np.any((cat < 0) | (cat > escs[idx])):
+        v = np.empty(idx.size, dtype=np.int64)
+        v[order] = cat_sorted
+        esc_of = escs[idx]  # each symbol's escape category
+        if np.any((v < 0) | (v > esc_of)):
             raise StreamError("decoded symbol outside its table")
-        esc = cat == escs[idx]
-        v = cat.copy()
+        esc = v == esc_of
         if np.any(esc):
-            v[esc] = self._read_escapes(escs[idx[esc]])
+            v[esc] = self._read_escapes(esc_of[esc])
         return (v + los[idx]).reshape(shape)
 
     def _read_escapes(self, esc: np.ndarray) -> np.ndarray:
