@@ -32,8 +32,9 @@ rounding of y may occasionally flip: the stream is then a different (equally val
 the model's own modules for the float transforms and gives byte-identical streams.
 
 GPU options (untested in this repository's CI, which has no GPU): ``dtype`` float16/bfloat16 for the float
-transforms, ``cuda_graphs=True`` (one captured graph per input shape for each float transform), ``compile=True``
-(``torch.compile`` of the float transforms). The exact networks always run in float64 on integers.
+transforms, ``cuda_graphs=True`` (one captured graph per input shape for each float transform and each exact
+network), ``compile=True`` (``torch.compile`` of the float transforms). The exact networks always run in float64 on
+integers.
 """
 from __future__ import annotations
 
@@ -389,6 +390,36 @@ class _FloatBuilder(_LayerWalker):
         return self.conv(m)
 
 
+class _GraphCache:
+    """CUDA-graph replay of ``run`` on prepared inputs: one graph captured per input shape and dtype (after two
+    warm-up calls outside capture, for the allocator and cuDNN plans), then replayed into a clone of its static
+    output. ``run`` must not synchronise with the host."""
+
+    def __init__(self, device: torch.device, run: Fn) -> None:
+        self.device = device
+        self.run = run
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype)
+        if key not in self._graphs:
+            static_in = x.clone()
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.run(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self.run(static_in)
+            self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+
 class _Runner:
     """Common part of the float-transform runners: dtype/device handling, optional CUDA-graph replay."""
 
@@ -396,7 +427,7 @@ class _Runner:
         self.device = device
         self.dtype = dtype
         self.cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._graphs = _GraphCache(device, self._run) if self.cuda_graphs else None
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -404,28 +435,10 @@ class _Runner:
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _graphed(self, x: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), x.dtype)
-        if key not in self._graphs:
-            static_in = self._prepare(x)
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):  # warm-up outside capture (allocator, cuDNN plans)
-                for _ in range(2):
-                    self._run(static_in)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self._run(static_in)
-            self._graphs[key] = (graph, static_in, static_out)
-        graph, static_in, static_out = self._graphs[key]
-        static_in.copy_(self._prepare(x))
-        graph.replay()
-        return static_out.clone()
-
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._graphed(x) if self.cuda_graphs else self._run(self._prepare(x))
+        x = self._prepare(x)
+        out = self._graphs(x) if self._graphs is not None else self._run(x)
         return self._finish(out).to(torch.float32)
 
     def _finish(self, out: torch.Tensor) -> torch.Tensor:
@@ -823,19 +836,23 @@ class FastExactNet:
     """Channels-last twin of :class:`evc.exact.ExactNet` with bit-identical float64 outputs (NCHW in and out).
 
     Use :meth:`nhwc` to stay channels-last between networks. ``band_bytes`` sizes the pixel bands of the widest
-    intermediate on the CPU (no bands on other devices); any band size gives the same numbers."""
+    intermediate on the CPU (no bands on other devices); any band size gives the same numbers. ``cuda_graphs``: on
+    CUDA, capture one graph per input shape and replay it (the same kernels, so the same numbers; the network is a
+    few hundred small kernels whose launches dominate its time on a GPU)."""
 
     def __init__(self, module: nn.Module, device: torch.device | str | None = None,
-                 band_bytes: int = _EXACT_BAND_BYTES) -> None:
+                 band_bytes: int = _EXACT_BAND_BYTES, cuda_graphs: bool = False) -> None:
         dev = torch.device(device) if device is not None else next(module.parameters()).device
         self._fn = _ExactBuilder(dev, _bands_on(dev, band_bytes)).module(module)
+        self._graphs = _GraphCache(dev, self._fn) if cuda_graphs and dev.type == "cuda" else None
 
     @torch.no_grad()
     def nhwc(self, x: torch.Tensor) -> torch.Tensor:
         """(B,H,W,C) float64 -> (B,H',W',C') float64."""
         if x.dtype != torch.float64:
             raise TypeError("FastExactNet expects float64 input")
-        return self._fn(x.contiguous())
+        x = x.contiguous()
+        return self._graphs(x) if self._graphs is not None else self._fn(x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return to_nchw(self.nhwc(to_nhwc(x)))
@@ -856,7 +873,9 @@ class FastEngine:
             (:class:`EagerTransform`: the model's own modules; with float32 and no other option the streams are
             byte-identical to the reference engine's).
         channels_last: ``impl="eager"`` only: channels-last memory format.
-        compile, cuda_graphs, kernels: see :class:`FastTransform` (float transforms only).
+        compile, kernels: see :class:`FastTransform` (float transforms only).
+        cuda_graphs: on CUDA, replay captured graphs for the float transforms and for the exact networks (per input
+            shape; the exact networks give the same numbers either way).
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32, impl: str = "fused",
@@ -880,10 +899,10 @@ class FastEngine:
         self._encs = [self.transform(e) for e in (model.encs if self.scalable else [model.enc])]
         self._hyper_enc = self.transform(model.hyper_enc)
         self._dec = self.transform(model.dec)
-        self.hyper_dec = FastExactNet(model.hyper_dec, dev)
-        self.fusion = FastExactNet(model.y_prior_fusion, dev)
-        self.spatial_net = FastExactNet(model.y_spatial_prior, dev)
-        self.synthesis_net = FastExactNet(model.dec, dev)
+        self.hyper_dec = FastExactNet(model.hyper_dec, dev, cuda_graphs=cuda_graphs)
+        self.fusion = FastExactNet(model.y_prior_fusion, dev, cuda_graphs=cuda_graphs)
+        self.spatial_net = FastExactNet(model.y_spatial_prior, dev, cuda_graphs=cuda_graphs)
+        self.synthesis_net = FastExactNet(model.dec, dev, cuda_graphs=cuda_graphs)
 
     def transform(self, module: nn.Module) -> _Runner:
         """A float runner of ``module`` with this engine's options (any EVC transform or prior network)."""

@@ -217,6 +217,20 @@ def test_cuda_reduced_precision_and_graphs(mini, dtype):
     assert psnr(x_float, cpu) > 35.0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_cuda_graphed_exact_net_is_bit_identical(mini):
+    """GPU: the exact networks replayed from CUDA graphs give ExactNet's numbers, for new inputs of a captured shape
+    and for a second shape."""
+    m = evc.build_model("mini_EVC_SS").eval()
+    m.load_state_dict(mini.state_dict())
+    net = m.y_spatial_prior.to("cuda")
+    graphed = FastExactNet(net, cuda_graphs=True)
+    g = torch.Generator().manual_seed(7)
+    for shape in ((1, 4 * m.N, 6, 8), (1, 4 * m.N, 6, 8), (1, 4 * m.N, 4, 10)):
+        x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 3).round().cuda()
+        assert torch.equal(graphed(x), ExactNet(net)(x))
+
+
 def test_bands_are_cpu_only_and_compiled_transforms_get_their_own_cache():
     """Row bands are a CPU cache measure: any other device gets none (on an H200 the banded exact synthesis was 3.5x
     slower). Each compiled transform wraps its function in a code object of its own, so dynamo's per-code recompile
