@@ -42,6 +42,7 @@ import copy
 import math
 import types
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from typing import Callable, NamedTuple, NoReturn, Sequence
 
 import torch
@@ -393,16 +394,23 @@ class _FloatBuilder(_LayerWalker):
 class _GraphCache:
     """CUDA-graph replay of ``run`` on prepared inputs: one graph captured per input shape and dtype (after two
     warm-up calls outside capture, for the allocator and cuDNN plans), then replayed into a clone of its static
-    output. ``run`` must not synchronise with the host."""
+    output. ``run`` must not synchronise with the host. Each graph keeps its buffers on the GPU, so only the
+    ``max_graphs`` most recently used shapes are kept (a stream of images of many sizes would otherwise fill the
+    GPU's memory)."""
 
-    def __init__(self, device: torch.device, run: Fn) -> None:
+    def __init__(self, device: torch.device, run: Fn, max_graphs: int = 4) -> None:
         self.device = device
         self.run = run
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = OrderedDict()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype)
-        if key not in self._graphs:
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+        else:
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.popitem(last=False)
             static_in = x.clone()
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))

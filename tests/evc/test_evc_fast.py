@@ -220,15 +220,17 @@ def test_cuda_reduced_precision_and_graphs(mini, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 def test_cuda_graphed_exact_net_is_bit_identical(mini):
     """GPU: the exact networks replayed from CUDA graphs give ExactNet's numbers, for new inputs of a captured shape
-    and for a second shape."""
+    and for other shapes, also when the bounded graph cache evicts (here: one graph kept)."""
     m = evc.build_model("mini_EVC_SS").eval()
     m.load_state_dict(mini.state_dict())
     net = m.y_spatial_prior.to("cuda")
     graphed = FastExactNet(net, cuda_graphs=True)
+    graphed._graphs.max_graphs = 1
     g = torch.Generator().manual_seed(7)
-    for shape in ((1, 4 * m.N, 6, 8), (1, 4 * m.N, 6, 8), (1, 4 * m.N, 4, 10)):
+    for shape in ((1, 4 * m.N, 6, 8), (1, 4 * m.N, 6, 8), (1, 4 * m.N, 4, 10), (1, 4 * m.N, 6, 8)):
         x = (torch.randn(*shape, generator=g, dtype=torch.float64) * 3).round().cuda()
         assert torch.equal(graphed(x), ExactNet(net)(x))
+    assert len(graphed._graphs._graphs) == 1
 
 
 def test_bands_are_cpu_only_and_compiled_transforms_get_their_own_cache():
