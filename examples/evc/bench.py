@@ -149,6 +149,18 @@ def forward_macs(model: Any, height: int, width: int) -> int:
     return counts[0] * (height * width) // (64 * 64)
 
 
+def _anon_huge_mb() -> float | None:
+    """MB of this process's memory on transparent huge pages (Linux), None where unknown."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 def sgemm_probe(size: int = 1024, reps: int = 5) -> float:
     """The machine's current float32 GEMM rate in GFLOP/s (best of ``reps`` square ``size`` matmuls with torch's
     thread setting): recorded before and after a CPU bench, because a shared host's speed drifts (docs/performance.md
@@ -275,6 +287,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                     "loadavg_after": [round(v, 2) for v in load_after],
                     "sgemm_gflops_before": probe_before and round(probe_before, 1),
                     "sgemm_gflops_after": probe_after and round(probe_after, 1),
+                    "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"), "anon_huge_pages_mb": _anon_huge_mb(),
                     "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
         "forward_gmac": forward_macs(model, xp.shape[-2], xp.shape[-1]) / 1e9 if "forward" in cfg.stages else None,
         "fast_engine_build_s": round(build_s, 3),
@@ -380,7 +393,9 @@ def format_table(res: dict[str, Any]) -> str:
              f"load average before {m['loadavg_before'][0]:.2f}, after {m['loadavg_after'][0]:.2f} "
              f"({m['cpu_count']} CPUs)"
              + (f"; sgemm 1024^2 before {m['sgemm_gflops_before']:.0f}, after {m['sgemm_gflops_after']:.0f} GFLOP/s"
-                if m.get("sgemm_gflops_before") else "")]
+                if m.get("sgemm_gflops_before") else "")
+             + (f"; {m['anon_huge_pages_mb']:.0f} MB on huge pages" if m.get("anon_huge_pages_mb") is not None
+                else "")]
     head = f"{'stage':<46}" + "".join(f"{n + ' ms':>22}" for n in names)
     if "speedup" in res:
         head += f"{'speedup':>9}"

@@ -209,9 +209,8 @@ def _engine(args: argparse.Namespace, model: Any) -> Any:
             raise CLIError("--dtype applies to the fast path, not to --reference")
         return None
     from evc.codec import _state_key
-    from evc.fast import DTYPES, FastEngine, tune_allocator
+    from evc.fast import DTYPES, FastEngine
 
-    tune_allocator()
     key = (id(model), args.dtype)
     eng = _ENGINE_CACHE.get(key)
     if eng is None or eng.model is not model or eng.key != _state_key(model):
@@ -456,6 +455,10 @@ COMMANDS = {"encode": cmd_encode, "decode": cmd_decode, "eval": cmd_eval, "bdrat
             "rrl": lambda a: a.handler(a)}  # handlers set by their modules
 
 
+#: commands that run the codec's networks: main() tunes the process's memory allocation for them
+_TUNED_COMMANDS = ("encode", "decode", "bench")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``evc`` console script; returns the exit status."""
     global _PARSER
@@ -468,6 +471,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="evc: %(levelname)s: %(message)s")
+    if args.cmd in _TUNED_COMMANDS:  # before the first tensor exists (huge pages are chosen at the first allocation)
+        from evc.fast import tune_allocator
+
+        tune_allocator()
     try:
         return COMMANDS[args.cmd](args)
     except KeyboardInterrupt:

@@ -189,7 +189,7 @@ def test_bench_fast_cli(tmp_path, capsys):
     assert d["streams_identical"] and d["cross_decode_identical"]
     assert len(d["machine"]["loadavg_before"]) == 3
     assert d["machine"]["sgemm_gflops_before"] > 0 and d["machine"]["sgemm_gflops_after"] > 0
-    assert "sgemm 1024^2 before" in out
+    assert "sgemm 1024^2 before" in out and "anon_huge_pages_mb" in d["machine"]
     assert d["config"]["kernels"] is True
     assert cli(["bench", "--arch", "mini_EVC_SS", "--size", "64x64", "--runs", "1", "--warmup", "0",
                 "--stages", "forward", "--no-reference", "--no-kernels", "--json", str(j)]) == 0
@@ -244,3 +244,18 @@ def test_bands_are_cpu_only_and_compiled_transforms_get_their_own_cache():
     fns = [_own_code(lambda x, k=k: x + k) for k in range(3)]
     assert len({id(f.__code__) for f in fns}) == 3  # distinct objects (code objects compare equal by value)
     assert [f(torch.zeros(1)).item() for f in fns] == [0.0, 1.0, 2.0]
+
+
+def test_tune_allocator_asks_for_huge_pages_unless_told_otherwise(monkeypatch):
+    """tune_allocator() sets THP_MEM_ALLOC_ENABLE=1 for PyTorch's CPU allocator, but never overrides a user's
+    setting."""
+    import os
+
+    from evc.fast import tune_allocator
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    tune_allocator()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    tune_allocator()
+    assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
