@@ -26,7 +26,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -47,7 +47,7 @@ class BenchConfig:
     height: int = 512
     device: str = "cpu"
     dtype: str = "fp32"
-    impl: str = "fused"
+    impl: str = "auto"
     channels_last: bool = False
     compile: bool = False
     cuda_graphs: bool = False
@@ -216,6 +216,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
     fast = FastEngine(model, **opts)
     build_s = time.perf_counter() - t_build
     engines: dict[str, Any] = {"fast": fast}
+    cfg = replace(cfg, impl=fast.impl)  # what "auto" resolved to
     if cfg.reference:
         engines = {"reference": evc.codec.ReferenceEngine(model), "fast": fast}
     xp = evc.codec.pad_image(x)
@@ -450,8 +451,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="fast path: precision of the float transforms (exact networks stay float64)")
-    p.add_argument("--impl", default="fused", choices=["fused", "eager"],
-                   help="fast path: fused channels-last executor (default) or the model's own modules")
+    p.add_argument("--impl", default="auto", choices=["auto", "fused", "eager"],
+                   help="fast path: fused channels-last executor, the model's own modules, or auto (default: eager "
+                        "for fp32 on CUDA, fused otherwise)")
     p.add_argument("--channels-last", action="store_true",
                    help="fast path with --impl eager: channels-last memory format (fused is channels-last anyway)")
     p.add_argument("--compile", action="store_true", help="fast path: torch.compile the float transforms")
@@ -483,7 +485,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CLIError("--runs must be >= 1 and --warmup >= 0")
     if args.threads is not None and args.threads < 1:
         raise CLIError("--threads must be >= 1")
-    if args.channels_last and args.impl != "eager":
+    if args.channels_last and args.impl == "fused":
         log.info("--channels-last: the fused executor is channels-last already")
     if args.cuda_graphs and not args.device.startswith("cuda"):
         raise CLIError("--cuda-graphs needs --device cuda")

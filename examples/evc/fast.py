@@ -65,8 +65,8 @@ from .layers import (
 )
 
 
-__all__ = ["FastTransform", "EagerTransform", "FastExactNet", "FastEngine", "DTYPES", "tune_allocator", "to_nhwc",
-           "to_nchw"]
+__all__ = ["FastTransform", "EagerTransform", "FastExactNet", "FastEngine", "DTYPES", "resolve_impl", "tune_allocator",
+           "to_nhwc", "to_nchw"]
 
 #: names accepted for the float-transform precision
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -880,6 +880,24 @@ class FastExactNet:
 # ---------------------------------------------------------------------------------------------------------------
 # engine
 # ---------------------------------------------------------------------------------------------------------------
+def resolve_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The float-transform implementation that ``impl="auto"`` stands for, by measurements on an H200
+    (docs/performance.md §3.4):
+
+    * ``"eager"`` (cuDNN's NCHW kernels) for float32 on CUDA. There the fused executor's networks-only forward was
+      0.73-0.90x the eager one for EVC_LL at 768x512 and for EVC_SS and EVC_LL at 1920x1088. It was 1.10-1.16x
+      only for EVC_SS at 768x512.
+    * ``"fused"`` everywhere else. On the CPU it is the fast path. On CUDA with fp16/bf16 and CUDA graphs it beat
+      eager in all 8 measured rows (networks-only 1.4-1.7x).
+
+    Explicit ``"fused"`` / ``"eager"`` pass through."""
+    if impl not in ("auto", "fused", "eager"):
+        raise ValueError(f"impl must be 'auto', 'fused' or 'eager', got {impl!r}")
+    if impl != "auto":
+        return impl
+    return "eager" if device.type == "cuda" and dtype == torch.float32 else "fused"
+
+
 class FastEngine:
     """The networks a codec run uses, in their fast form (see the module docstring). Interface of
     :class:`evc.codec.ReferenceEngine`.
@@ -888,27 +906,26 @@ class FastEngine:
         model: an EVC model in eval mode (weights are snapshotted; rebuild the engine after changing them).
         dtype: precision of the float transforms (analysis, hyper_enc, float synthesis): ``torch.float32``
             (default), ``float16`` or ``bfloat16``. The exact networks always run in float64 on integers.
-        impl: ``"fused"`` (:class:`FastTransform`, channels-last by construction) or ``"eager"``
+        impl: ``"fused"`` (:class:`FastTransform`, channels-last by construction), ``"eager"``
             (:class:`EagerTransform`: the model's own modules; with float32 and no other option the streams are
-            byte-identical to the reference engine's).
+            byte-identical to the reference engine's), or ``"auto"`` (default): the faster of the two for the
+            device and dtype, see :func:`resolve_impl`.
         channels_last: ``impl="eager"`` only: channels-last memory format.
         compile, kernels: see :class:`FastTransform` (float transforms only).
         cuda_graphs: on CUDA, replay captured graphs for the float transforms and for the exact networks (per input
             shape; the exact networks give the same numbers either way).
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32, impl: str = "fused",
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32, impl: str = "auto",
                  channels_last: bool = False, compile: bool = False, cuda_graphs: bool = False,
                  kernels: bool = True) -> None:
         from .codec import _state_key  # local import: codec must not depend on this module
 
-        if impl not in ("fused", "eager"):
-            raise ValueError(f"impl must be 'fused' or 'eager', got {impl!r}")
+        dev = next(model.parameters()).device
+        self.impl = resolve_impl(impl, dev, dtype)
         self.model = model
         self.key = _state_key(model)
         self.dtype = dtype
-        self.impl = impl
-        dev = next(model.parameters()).device
         self.device = dev
 
         self._opts = dict(compile=compile, cuda_graphs=cuda_graphs)

@@ -190,7 +190,7 @@ def test_bench_fast_cli(tmp_path, capsys):
     assert len(d["machine"]["loadavg_before"]) == 3
     assert d["machine"]["sgemm_gflops_before"] > 0 and d["machine"]["sgemm_gflops_after"] > 0
     assert "sgemm 1024^2 before" in out and "anon_huge_pages_mb" in d["machine"]
-    assert d["config"]["kernels"] is True
+    assert d["config"]["kernels"] is True and d["config"]["impl"] == "fused"
     assert cli(["bench", "--arch", "mini_EVC_SS", "--size", "64x64", "--runs", "1", "--warmup", "0",
                 "--stages", "forward", "--no-reference", "--no-kernels", "--json", str(j)]) == 0
     assert "no-kernels" in capsys.readouterr().out and json.loads(j.read_text())["config"]["kernels"] is False
@@ -259,3 +259,18 @@ def test_tune_allocator_asks_for_huge_pages_unless_told_otherwise(monkeypatch):
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
     tune_allocator()
     assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+
+
+def test_auto_impl_picks_the_measured_faster_transform_path(mini):
+    """impl="auto": fused on the CPU and in reduced precision, eager (cuDNN) for float32 on CUDA; explicit choices
+    pass through; the bench records what auto resolved to."""
+    from evc.fast import resolve_impl
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_impl("auto", cpu, torch.float32) == "fused"
+    assert resolve_impl("auto", cuda, torch.float32) == "eager"
+    assert resolve_impl("auto", cuda, torch.float16) == resolve_impl("auto", cuda, torch.bfloat16) == "fused"
+    assert resolve_impl("fused", cuda, torch.float32) == "fused" and resolve_impl("eager", cpu, torch.float16) == "eager"
+    with pytest.raises(ValueError, match="impl must be"):
+        resolve_impl("fast", cpu, torch.float32)
+    assert FastEngine(mini).impl == "fused"
