@@ -101,6 +101,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "parameters; see docs/performance.md)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="fast path: precision of the float transforms (for GPUs; entropy parameters stay exact)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="fast path on CUDA: capture every network once per image size and replay it (pays off "
+                        "from a few images of one size on, e.g. in eval)")
 
 
 def _add_rate_args(p: argparse.ArgumentParser) -> None:
@@ -205,18 +208,20 @@ def _setup_torch(args: argparse.Namespace) -> None:
 def _engine(args: argparse.Namespace, model: Any) -> Any:
     """The inference engine asked for on the command line (fast unless --reference)."""
     if args.reference:
-        if args.dtype != "fp32":
-            raise CLIError("--dtype applies to the fast path, not to --reference")
+        if args.dtype != "fp32" or args.cuda_graphs:
+            raise CLIError("--dtype and --cuda-graphs apply to the fast path, not to --reference")
         return None
+    if args.cuda_graphs and not str(getattr(args, "device", "cpu")).startswith("cuda"):
+        raise CLIError("--cuda-graphs needs --device cuda")
     from evc.codec import _state_key
     from evc.fast import DTYPES, FastEngine
 
-    key = (id(model), args.dtype)
+    key = (id(model), args.dtype, args.cuda_graphs)
     eng = _ENGINE_CACHE.get(key)
     if eng is None or eng.model is not model or eng.key != _state_key(model):
         if len(_ENGINE_CACHE) >= 2:
             _ENGINE_CACHE.pop(next(iter(_ENGINE_CACHE)))
-        eng = _ENGINE_CACHE[key] = FastEngine(model, dtype=DTYPES[args.dtype])
+        eng = _ENGINE_CACHE[key] = FastEngine(model, dtype=DTYPES[args.dtype], cuda_graphs=args.cuda_graphs)
     return eng
 
 
@@ -456,7 +461,7 @@ COMMANDS = {"encode": cmd_encode, "decode": cmd_decode, "eval": cmd_eval, "bdrat
 
 
 #: commands that run the codec's networks: main() tunes the process's memory allocation for them
-_TUNED_COMMANDS = ("encode", "decode", "bench")
+_TUNED_COMMANDS = ("encode", "decode", "eval", "bench")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -176,6 +176,20 @@ def test_cli_fast_and_reference_decode_identically(tmp_path, mini):
     assert o1.read_bytes() == o2.read_bytes()
 
 
+def test_cli_cuda_graphs_flag_is_checked(tmp_path, mini, capsys):
+    """--cuda-graphs: fast path on CUDA only, with a one-line error otherwise."""
+    p = tmp_path / "m.pt"
+    evc.save_model(mini, p)
+    img = tmp_path / "in.png"
+    evc.save_image(img, _image(32, 32, seed=8))
+    out = tmp_path / "a.evc"
+    assert cli(["encode", str(img), str(out), "--model", str(p), "--cuda-graphs"]) == 1
+    assert "--cuda-graphs needs --device cuda" in capsys.readouterr().err
+    assert cli(["encode", str(img), str(out), "--model", str(p), "--cuda-graphs", "--reference"]) == 1
+    assert "not to --reference" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_bench_fast_cli(tmp_path, capsys):
     j = tmp_path / "b.json"
     assert cli(["bench", "--arch", "mini_EVC_SS", "--size", "64x64", "--runs", "1", "--warmup", "0",
