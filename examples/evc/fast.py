@@ -530,7 +530,7 @@ class EagerTransform(_Runner):
 
 def tune_allocator() -> bool:
     """Process-wide memory settings for the large activations of a codec run; meant for the command line
-    (``evc encode/decode/bench``), which calls it before it creates any tensor.
+    (``evc encode/decode/eval/bench``), which calls it before it creates any tensor.
 
     * Keep freed memory in the process heap (glibc: no ``mmap`` for large blocks, no trimming), so the activation
       tensors of consecutive layers reuse pages that are already mapped instead of page-faulting fresh ones.
