@@ -21,7 +21,7 @@ Two kinds of networks run in a codec, with different rules:
   matrix, the adaptor of a block is merged into the block's first GEMM (same input, same grid), a dense 3x3
   convolution is 9 GEMMs over shifted contiguous windows of the zero-padded, row-flattened input, a depthwise 3x3
   is 9 shifted multiply-adds that skip the zero padding (every partial sum is an integer below 2^53, so any
-  grouping of the sum is exact), and per-pixel work runs in bands (at any thread count). Tests check ``torch.equal``
+  grouping of the sum is exact), and per-pixel work runs in bands (on the CPU, at any thread count). Tests check ``torch.equal``
   against ExactNet.
   It is not faster than ExactNet on a CPU: both are bound by float64 GEMMs (docs/performance.md).
 
@@ -405,6 +405,11 @@ class _GraphCache:
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = OrderedDict()
 
+    @classmethod
+    def if_wanted(cls, wanted: bool, device: torch.device, run: Fn) -> "_GraphCache | None":
+        """A cache for ``run`` when graphs are asked for and the device is CUDA, else None (run directly)."""
+        return cls(device, run) if wanted and device.type == "cuda" else None
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         key = (tuple(x.shape), x.dtype)
         if key in self._graphs:
@@ -435,8 +440,7 @@ class _Runner:
     def __init__(self, device: torch.device, dtype: torch.dtype, cuda_graphs: bool) -> None:
         self.device = device
         self.dtype = dtype
-        self.cuda_graphs = bool(cuda_graphs) and device.type == "cuda"
-        self._graphs = _GraphCache(device, self._run) if self.cuda_graphs else None
+        self._graphs = _GraphCache.if_wanted(cuda_graphs, device, self._run)
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -583,6 +587,14 @@ def _band(total: int, per_item_bytes: int, band_bytes: int) -> int:
     return max(1, min(total, band_bytes // max(1, per_item_bytes)))
 
 
+def _to_grid_(acc: torch.Tensor, scale_w: torch.Tensor | None, e: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """In place: exact integer sums back to values, ``acc * scale_w * 2**e + bias``, the same operations in the
+    same order as ExactNet (``scale_w`` is None where :func:`_fold_scales` moved it into the weights)."""
+    if scale_w is not None:
+        acc.mul_(scale_w)
+    return acc.mul_(pow2(e)).add_(bias)
+
+
 class _XLin:
     """One or more 1x1 convolutions that read the same input, as one exact float64 GEMM on NHWC data.
 
@@ -627,9 +639,7 @@ class _XLin:
         e = _exponent(torch.maximum(xf.amax(1, keepdim=True), xf.amin(1, keepdim=True).neg_())) - self.a_bits
         xq = torch.mul(xf, pow2(-e)).round_()
         acc = torch.mm(xq, self.wqt, out=out)  # exact (scaled) integer sums in float64
-        if self.scale_w is not None:
-            acc.mul_(self.scale_w)
-        return acc.mul_(pow2(e)).add_(self.bias)
+        return _to_grid_(acc, self.scale_w, e, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -708,9 +718,7 @@ class _XDW:
             if o0 >= o1:
                 continue
             acc[:, o0 - r0:o1 - r0, c0:c1].addcmul_(xq[:, o0 + di:o1 + di, c0 + dj:c1 + dj], self.wq[t])
-        if self.scale_w is not None:
-            acc.mul_(self.scale_w)
-        return acc.mul_(pow2(e)).add_(self.bias)
+        return _to_grid_(acc, self.scale_w, e, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xq, e = self.prepare(x)
@@ -753,9 +761,7 @@ class _XConv3:
                     off = n0 + (t // 3) * wp + t % 3
                     acc.addmm_(flat[s, off:off + n], self.taps[t])
                 out[s, r0:r1] = acc.view(r1 - r0, wp, o)[:, :w]
-        if self.scale_w is not None:
-            out.mul_(self.scale_w)
-        return out.mul_(pow2(e)).add_(self.bias)
+        return _to_grid_(out, self.scale_w, e, self.bias)
 
 
 class _ExactBuilder(_LayerWalker):
@@ -863,7 +869,7 @@ class FastExactNet:
                  band_bytes: int = _EXACT_BAND_BYTES, cuda_graphs: bool = False) -> None:
         dev = torch.device(device) if device is not None else next(module.parameters()).device
         self._fn = _ExactBuilder(dev, _bands_on(dev, band_bytes)).module(module)
-        self._graphs = _GraphCache(dev, self._fn) if cuda_graphs and dev.type == "cuda" else None
+        self._graphs = _GraphCache.if_wanted(cuda_graphs, dev, self._fn)
 
     @torch.no_grad()
     def nhwc(self, x: torch.Tensor) -> torch.Tensor:
