@@ -7,8 +7,8 @@ Three tables:
 
 1. every distinct 1x1 and dense 3x3 stride-1 layer shape of the chosen models' networks-only forward: the plain
    route (MKL ``addmm`` + in-place activation; oneDNN direct 3x3 convolution) against the route the kernels'
-   rules pick (oneDNN 1x1 with fused epilogue; Winograd F(4x4,3x3)), each timed as the best of ``--rounds``
-   interleaved calls;
+   rules pick (oneDNN 1x1 with fused epilogue; for wide 3x3 layers our Winograd F(4x4,3x3) or NNPACK, by size),
+   each timed as the best of ``--rounds`` interleaved calls; 3x3 rows also time both Winograd routes;
 2. the networks-only forward (``evc bench``'s "forward" stage) with the kernels off and on, interleaved
    (off, on, off, on, ...), median of ``--rounds``;
 3. the exact float64 synthesis (``FastExactNet(model.dec)``, the CLI's default decoder) with its pixel/row bands
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from evc import build_model
 from evc.bench import _forward_fn, synthetic_image
 from evc.fast import FastEngine, FastExactNet, tune_allocator
-from evc.kernels import Pointwise, Winograd3x3, use_winograd
+from evc.kernels import ConvKxK, NNPACK3x3, Pointwise, Wide3x3, Winograd3x3, nnpack_ok, onednn_ok, use_winograd
 
 
 def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
@@ -87,20 +87,25 @@ def bench_layers(shapes_pw: set, shapes_w3: set, rounds: int) -> list[dict]:
         t = _best({"plain": lambda: plain(x), "kernel": lambda: fused(x)}, rounds)
         rows.append({"layer": f"1x1 {cin}->{cout}", "shape": f"{n} px", "plain_ms": t["plain"],
                      "kernel_ms": t["kernel"], "route": "oneDNN 1x1 + fused bias/act"})
+    cpu32 = (torch.device("cpu"), torch.float32)
     for h, w, cin, cout in sorted(shapes_w3):
         conv = torch.nn.Conv2d(cin, cout, 3, padding=1)
         x = torch.randn(1, h, w, cin, generator=g)
-        wcl = conv.weight.detach().contiguous(memory_format=torch.channels_last)
-        b = conv.bias.detach()
-        wino = Winograd3x3(conv.weight.detach(), b, 0.01)
-
-        def direct() -> torch.Tensor:
-            y = F.leaky_relu_(F.conv2d(x.permute(0, 3, 1, 2), wcl, b, 1, 1), 0.01)
-            return y.permute(0, 2, 3, 1).contiguous()
-        t = _best({"plain": direct, "kernel": lambda: wino(x)}, rounds)
-        chosen = use_winograd(conv, torch.device("cpu"), torch.float32)
+        wt, b = conv.weight.detach(), conv.bias.detach()
+        routes: dict[str, Callable[[], object]] = {
+            "plain": lambda: ConvKxK(wt, b, (1, 1), (1, 1), 1, 0.01, onednn=onednn_ok(*cpu32))(x),
+            "winograd": lambda k=Winograd3x3(wt, b, 0.01): k(x)}
+        if nnpack_ok(*cpu32):
+            routes["nnpack"] = lambda k=NNPACK3x3(wt, b, 0.01): k(x)
+        t = _best(routes, rounds)
+        chosen = use_winograd(conv, *cpu32)
+        wide = Wide3x3(wt, b, 0.01, onednn=onednn_ok(*cpu32), nnpack=nnpack_ok(*cpu32)).backend(h * w)
+        key = {Winograd3x3: "winograd", NNPACK3x3: "nnpack", ConvKxK: "plain"}[type(wide)] if chosen else "plain"
         rows.append({"layer": f"3x3 {cin}->{cout}", "shape": f"{h}x{w}", "plain_ms": t["plain"],
-                     "kernel_ms": t["kernel"], "route": "Winograd F(4x4,3x3)" + ("" if chosen else " (not used)")})
+                     "kernel_ms": t[key], "winograd_ms": t["winograd"], "nnpack_ms": t.get("nnpack"),
+                     "route": {"winograd": "Winograd F(4x4,3x3)", "nnpack": "NNPACK", "plain": "direct"}[key]
+                     + ("" if chosen else " (Winograd ineligible: < 128 channels)")
+                     + f"; ours {t['winograd']:.1f} ms" + (f", NNPACK {t['nnpack']:.1f} ms" if "nnpack" in t else "")})
     return rows
 
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .exact import W_BITS, _MANT, _exponent, chain, pow2, quantize_rows
-from .kernels import Act, ConvKxK, Pointwise, Winograd3x3, onednn_ok, use_winograd
+from .kernels import Act, ConvKxK, Pointwise, Wide3x3, nnpack_ok, onednn_ok, use_winograd
 from .layers import (
     ConvFFN,
     DepthConv,
@@ -244,6 +244,7 @@ class _FloatBuilder(_LayerWalker):
         self.band_bytes = band_bytes
         self.kernels = kernels
         self.onednn = kernels and onednn_ok(device, dtype)
+        self.nnpack = kernels and nnpack_ok(device, dtype)
 
     def _t(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(self.device, self.dtype)
@@ -263,12 +264,12 @@ class _FloatBuilder(_LayerWalker):
         return Pointwise(w, b, act, onednn=self.onednn)
 
     def conv(self, conv: nn.Conv2d, act: Act = None) -> Fn:
-        """Any KxK convolution with a fused activation, NHWC in and out: Winograd for the wide dense 3x3 ones,
-        else oneDNN/cuDNN on a channels-last view."""
+        """Any KxK convolution with a fused activation, NHWC in and out: Winograd (ours or NNPACK's, by size) for the
+        wide dense 3x3 ones, else oneDNN/cuDNN on a channels-last view."""
         w = self._t(conv.weight)
         b = self._t(conv.bias) if conv.bias is not None else None
         if self.kernels and use_winograd(conv, self.device, self.dtype):
-            return Winograd3x3(w, b, act)
+            return Wide3x3(w, b, act, onednn=self.onednn, nnpack=self.nnpack)
         return ConvKxK(w, b, conv.stride, conv.padding, conv.groups, act, onednn=self.onednn)
 
     # -- blocks ------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """CPU kernels of the fused float transforms (:mod:`evc.fast`): 1x1 and KxK convolutions with a fused activation,
-and Winograd F(4x4, 3x3) for wide 3x3 convolutions. Activations are NHWC tensors.
+and Winograd convolutions for wide 3x3 layers. Activations are NHWC tensors.
 
 Each kernel picks its backend per call from the shape, by rules measured on the project's 2-core AMD EPYC (Zen 3,
 AVX2) with torch 2.13 (docs/performance.md §3.5):
@@ -7,9 +7,12 @@ AVX2) with torch 2.13 (docs/performance.md §3.5):
 * 1x1 convolutions with many pixels and a wide side (the FFN expansions at high resolution) go to oneDNN's 1x1
   convolution with the bias and the activation fused into its epilogue; the others stay one MKL ``addmm``
   (faster for the narrow and the low-resolution layers, e.g. everything at 1/16 resolution);
-* dense 3x3 stride-1 convolutions with >= 128 input and output channels use Winograd F(4x4, 3x3): 4x fewer
-  multiplies in one batched GEMM, the transforms as two small GEMMs (1.1x faster than oneDNN's direct convolution at
-  128 channels, 1.5x at 192; slower at 64, which stays direct);
+* dense 3x3 stride-1 convolutions with >= 128 input and output channels (:class:`Wide3x3`) use Winograd: below
+  :data:`NNPACK_MIN_PX` output pixels our F(4x4, 3x3), 4x fewer multiplies in one batched GEMM with the transforms as
+  two small GEMMs (1.0-1.1x faster than oneDNN's direct convolution at 128 channels, 1.3-1.5x at 192; slower at 64,
+  which stays direct); from :data:`NNPACK_MIN_PX` on, where our transforms' 36x-wide intermediates no longer fit in
+  cache, NNPACK's transform-domain convolution (shipped in the torch CPU wheel, algorithm chosen by NNPACK; NCHW,
+  so the activations are transposed in and out in cache-sized blocks): 1.5x faster than oneDNN's direct convolution at 192 channels and 256x384 pixels, 1.7x at 544x960;
 * every other convolution is oneDNN's, again with the activation fused.
 
 Anywhere else (CUDA, reduced precision, a torch build without oneDNN) the kernels fall back to plain ATen calls with
@@ -23,7 +26,8 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Act", "onednn_ok", "apply_act_", "Pointwise", "ConvKxK", "Winograd3x3", "use_winograd"]
+__all__ = ["Act", "onednn_ok", "nnpack_ok", "apply_act_", "Pointwise", "ConvKxK", "Winograd3x3", "NNPACK3x3",
+           "Wide3x3", "use_winograd", "nhwc_to_nchw", "nchw_to_nhwc"]
 
 #: an activation: None (identity), "relu", or the negative slope of a LeakyReLU
 Act = Union[None, str, float]
@@ -35,12 +39,50 @@ _ONEDNN_ALWAYS = 65536
 _ONEDNN_WIDE = 256
 #: Winograd for dense 3x3 stride-1 convolutions with at least this many input and output channels
 WINOGRAD_MIN_CHANNELS = 128
+#: from this many output pixels on, wide 3x3 convolutions go to NNPACK (where available; oneDNN's direct convolution
+#: otherwise). Measured 2026-11-26 (benchmarks/evc_kernels.py, 2 threads, best of 3), 192 channels, NNPACK / our
+#: F(4x4) / oneDNN direct: 256x384 315 / 407 / 473 ms, 128x192 77 / 98 / 117 ms, 64x96 30 / 23 / 30 ms; 128
+#: channels: 169 / 233 / 215, 46 / 52 / 51, 17 / 14 / 14 ms
+NNPACK_MIN_PX = 16384
 
 
 def onednn_ok(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the fused oneDNN convolution op can run here (CPU, float32, torch built with oneDNN)."""
     return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+def nnpack_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether NNPACK's convolution can run here (CPU, float32, NNPACK in this torch build and usable on this CPU).
+    ``torch._nnpack_available()`` also initialises NNPACK: its convolution fails until that has been called."""
+    return device.type == "cpu" and dtype == torch.float32 and bool(torch._nnpack_available())
+
+
+def _block(n: int) -> int:
+    for b in (256, 128, 64, 32, 16, 8, 4, 2):
+        if n % b == 0:
+            return b
+    return 1
+
+
+def nhwc_to_nchw(x: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, C) -> contiguous (N, C, H, W) in two cache-friendly passes: (b x C) blocks of pixels are transposed
+    first, then whole b-pixel runs are moved (ATen's one-pass permuted copy strides through memory: 101-110 ms for
+    98,304 pixels x 192 channels against 28-33 ms this way)."""
+    n, h, w, c = x.shape
+    hw = h * w
+    b = _block(hw)
+    t = x.reshape(n, hw // b, b, c).transpose(2, 3).contiguous()  # (N, HW/b, C, b)
+    return t.transpose(1, 2).contiguous().view(n, c, h, w)
+
+
+def nchw_to_nhwc(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> contiguous (N, H, W, C), the inverse of :func:`nhwc_to_nchw` (also in two blocked passes)."""
+    n, c, h, w = x.shape
+    hw = h * w
+    b = _block(hw)
+    t = x.reshape(n, c, hw // b, b).transpose(1, 2).contiguous()  # (N, HW/b, C, b)
+    return t.transpose(2, 3).contiguous().view(n, h, w, c)
 
 
 def apply_act_(x: torch.Tensor, act: Act) -> torch.Tensor:
@@ -176,3 +218,38 @@ class Winograd3x3:
         else:
             res.copy_(out)
         return apply_act_(res, self.act)
+
+
+class NNPACK3x3:
+    """Dense 3x3 'same' stride-1 convolution through NNPACK (``torch._nnpack_spatial_convolution``; NNPACK picks
+    its fast transform-domain algorithm) on NHWC tensors: blocked transposes to NCHW and back
+    (:func:`nhwc_to_nchw`). Call only where :func:`nnpack_ok` holds. Relative error ~1e-5 against a direct
+    convolution (measured 1.6e-5 at 192 channels), like :class:`Winograd3x3`."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, act: Act = None) -> None:
+        self.w = w.contiguous()
+        self.b = b if b is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+        self.act = act
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._nnpack_spatial_convolution(nhwc_to_nchw(x), self.w, self.b, [1, 1])
+        return apply_act_(nchw_to_nhwc(y), self.act)
+
+
+class Wide3x3:
+    """A wide dense 3x3 stride-1 convolution (see :func:`use_winograd`) with the backend chosen per call from the
+    number of output pixels: below :data:`NNPACK_MIN_PX` our :class:`Winograd3x3`; from there on
+    :class:`NNPACK3x3`, or oneDNN's direct convolution (:class:`ConvKxK`) where NNPACK is unavailable (our F(4x4)
+    loses to both at those sizes)."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor | None, act: Act = None, onednn: bool = False,
+                 nnpack: bool = False) -> None:
+        self.winograd = Winograd3x3(w, b, act)
+        self.large = NNPACK3x3(w, b, act) if nnpack else ConvKxK(w, b, (1, 1), (1, 1), 1, act, onednn=onednn)
+
+    def backend(self, pixels: int) -> Winograd3x3 | NNPACK3x3 | ConvKxK:
+        """The kernel a call with ``pixels`` output pixels per image takes."""
+        return self.large if pixels >= NNPACK_MIN_PX else self.winograd
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend(x.shape[1] * x.shape[2])(x)

@@ -1,7 +1,7 @@
-"""CPU kernels of the fused float transforms (evc.kernels): Winograd F(4x4,3x3), the oneDNN 1x1/KxK convolutions
-with fused activations and their ATen fallbacks agree with ``F.conv2d`` to float tolerance, on odd sizes, batches
-and every activation; the shape rules route as documented; the fused transforms still match the eager modules with
-every kernel forced on."""
+"""CPU kernels of the fused float transforms (evc.kernels): Winograd F(4x4,3x3), NNPACK, the oneDNN 1x1/KxK
+convolutions with fused activations and their ATen fallbacks agree with ``F.conv2d`` to float tolerance, on odd
+sizes, batches and every activation; the shape rules route as documented; the fused transforms still match the eager
+modules with every kernel forced on."""
 from __future__ import annotations
 
 import math
@@ -13,10 +13,12 @@ import torch.nn.functional as F
 import evc
 from evc import kernels
 from evc.fast import FastTransform
-from evc.kernels import ConvKxK, Pointwise, Winograd3x3, onednn_ok, use_winograd
+from evc.kernels import (ConvKxK, NNPACK3x3, Pointwise, Wide3x3, Winograd3x3, nchw_to_nhwc, nhwc_to_nchw, nnpack_ok,
+                         onednn_ok, use_winograd)
 
 CPU32 = (torch.device("cpu"), torch.float32)
 NEEDS_ONEDNN = pytest.mark.skipif(not onednn_ok(*CPU32), reason="torch built without oneDNN: fallback only")
+NEEDS_NNPACK = pytest.mark.skipif(not nnpack_ok(*CPU32), reason="NNPACK not available in this torch build / CPU")
 
 
 def _act_ref(y: torch.Tensor, act) -> torch.Tensor:
@@ -42,6 +44,47 @@ def test_winograd_matches_conv2d(bsz, h, w, bias, act):
     out = Winograd3x3(wt, b, act)(x)
     assert out.shape == ref.shape and out.is_contiguous()
     assert _rel(out, ref) < 1e-4
+
+
+@NEEDS_NNPACK
+@pytest.mark.parametrize("bsz,h,w,bias,act", [(1, 13, 18, True, 0.1), (2, 8, 8, False, None), (1, 5, 21, True, "relu")])
+def test_nnpack_matches_conv2d(bsz, h, w, bias, act):
+    """NNPACK through the blocked NHWC<->NCHW transposes vs a direct convolution: odd sizes (the transposes fall back
+    to small blocks), batch 2, no bias, all activations, a non-contiguous input; relative max error below 1e-4."""
+    g = torch.Generator().manual_seed(4)
+    cin, cout = 24, 40
+    x = torch.randn(bsz, h, w + 1, cin, generator=g)[:, :, 1:]
+    wt = torch.randn(cout, cin, 3, 3, generator=g) / math.sqrt(9 * cin)
+    b = torch.randn(cout, generator=g) if bias else None
+    ref = _act_ref(F.conv2d(x.permute(0, 3, 1, 2), wt, b, 1, 1), act).permute(0, 2, 3, 1)
+    out = NNPACK3x3(wt, b, act)(x)
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert _rel(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 24, 5), (2, 7, 9, 3), (1, 1, 1, 2)])
+def test_blocked_transposes(shape):
+    """The two-pass transposes are exact permutations, whatever block size the pixel count allows."""
+    x = torch.randn(shape)
+    y = nhwc_to_nchw(x)
+    assert y.is_contiguous() and torch.equal(y, x.permute(0, 3, 1, 2))
+    assert torch.equal(nchw_to_nhwc(y), x)
+
+
+@pytest.mark.parametrize("nnpack", [False, pytest.param(True, marks=NEEDS_NNPACK)])
+def test_wide3x3_routing(monkeypatch, nnpack):
+    """Our Winograd below NNPACK_MIN_PX output pixels, NNPACK (or oneDNN/ATen where NNPACK is missing) from there on;
+    every route matches F.conv2d."""
+    monkeypatch.setattr(kernels, "NNPACK_MIN_PX", 64)
+    g = torch.Generator().manual_seed(5)
+    wt, b = torch.randn(16, 16, 3, 3, generator=g) / 12, torch.randn(16, generator=g)
+    k = Wide3x3(wt, b, 0.01, onednn=onednn_ok(*CPU32), nnpack=nnpack)
+    assert isinstance(k.backend(63), Winograd3x3)
+    assert isinstance(k.backend(64), NNPACK3x3 if nnpack else ConvKxK)
+    for h, w in ((7, 9), (8, 8)):
+        x = torch.randn(1, h, w, 16, generator=g)
+        ref = F.leaky_relu(F.conv2d(x.permute(0, 3, 1, 2), wt, b, 1, 1), 0.01).permute(0, 2, 3, 1)
+        assert _rel(k(x), ref) < 1e-4
 
 
 @pytest.mark.parametrize("onednn", [False, pytest.param(True, marks=NEEDS_ONEDNN)])
@@ -103,8 +146,10 @@ def test_use_winograd_conditions():
 @pytest.mark.parametrize("name", ["enc", "dec"])
 def test_fast_transform_with_every_kernel(monkeypatch, name):
     """The fused transforms with Winograd on every dense 3x3 stride-1 conv and oneDNN on every 1x1 layer (thresholds
-    forced to 0) still match the eager module: relative max error < 1e-4."""
+    forced to 0) still match the eager module: relative max error < 1e-4. (The NNPACK route of the same layers is
+    covered by test_fast_transform_with_nnpack.)"""
     monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(kernels, "NNPACK_MIN_PX", 1 << 40)
     monkeypatch.setattr(kernels, "_ONEDNN_MIN_PX", 0)
     monkeypatch.setattr(kernels, "_ONEDNN_ALWAYS", 0)
     calls = []
@@ -119,4 +164,22 @@ def test_fast_transform_with_every_kernel(monkeypatch, name):
         ref = mod(x)
         out = FastTransform(mod)(x)
     assert calls, "no convolution took the Winograd path"
+    assert _rel(out, ref) < 1e-4
+
+
+@NEEDS_NNPACK
+def test_fast_transform_with_nnpack(monkeypatch):
+    """The synthesis transform with every dense 3x3 stride-1 conv on NNPACK matches the eager module (< 1e-4)."""
+    monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(kernels, "NNPACK_MIN_PX", 0)
+    calls = []
+    nn_call = NNPACK3x3.__call__
+    monkeypatch.setattr(NNPACK3x3, "__call__", lambda self, x: calls.append(x.shape) or nn_call(self, x))
+    torch.manual_seed(0)
+    model = evc.build_model("mini_EVC_SS").eval()
+    x = torch.randn(1, model.N, 4, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model.dec(x)
+        out = FastTransform(model.dec)(x)
+    assert calls, "no convolution took the NNPACK path"
     assert _rel(out, ref) < 1e-4
