@@ -9,8 +9,8 @@ Three tables:
    route (MKL ``addmm`` + in-place activation; oneDNN direct 3x3 convolution) against the route the kernels'
    rules pick (oneDNN 1x1 with fused epilogue; for wide 3x3 layers our Winograd F(4x4,3x3) or NNPACK, by size),
    each timed as the best of ``--rounds`` interleaved calls; 3x3 rows also time both Winograd routes;
-2. the networks-only forward (``evc bench``'s "forward" stage) with the kernels off and on, interleaved
-   (off, on, off, on, ...), median of ``--rounds``;
+2. the networks-only forward (``evc bench``'s "forward" stage) with the kernels off, on without the NNPACK route
+   (our F(4x4) for every wide 3x3 layer) and on, interleaved, median of ``--rounds``;
 3. the exact float64 synthesis (``FastExactNet(model.dec)``, the CLI's default decoder) with its pixel/row bands
    and without them (one band), interleaved, median of ``--rounds``; outputs checked bit-identical.
 
@@ -27,9 +27,8 @@ import time
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from evc import build_model
+from evc import build_model, kernels
 from evc.bench import _forward_fn, synthetic_image
 from evc.fast import FastEngine, FastExactNet, tune_allocator
 from evc.kernels import ConvKxK, NNPACK3x3, Pointwise, Wide3x3, Winograd3x3, nnpack_ok, onednn_ok, use_winograd
@@ -109,14 +108,29 @@ def bench_layers(shapes_pw: set, shapes_w3: set, rounds: int) -> list[dict]:
     return rows
 
 
+def _without_nnpack(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the NNPACK route of the wide 3x3 layers switched off (our F(4x4) at every size, the rule before
+    NNPACK was added); the threshold is read per call, so it is patched around the call."""
+    def run() -> object:
+        keep = kernels.NNPACK_MIN_PX
+        kernels.NNPACK_MIN_PX = 1 << 62
+        try:
+            return fn()
+        finally:
+            kernels.NNPACK_MIN_PX = keep
+    return run
+
+
 def bench_forward(arch: str, h: int, w: int, rounds: int) -> dict:
     torch.manual_seed(0)
     model = build_model(arch).eval()
     x = synthetic_image(w, h)
+    on = FastEngine(model, kernels=True)
     times = _interleaved({"off": _forward_fn(model, x, FastEngine(model, kernels=False)),
-                          "on": _forward_fn(model, x, FastEngine(model, kernels=True))}, rounds)
+                          "no_nnpack": _without_nnpack(_forward_fn(model, x, on)),
+                          "on": _forward_fn(model, x, on)}, rounds)
     return {"arch": arch, "off_s": statistics.median(times["off"]), "on_s": statistics.median(times["on"]),
-            "runs": times}
+            "no_nnpack_s": statistics.median(times["no_nnpack"]), "runs": times}
 
 
 def bench_exact_synthesis(arch: str, h: int, w: int, rounds: int) -> dict:
@@ -159,12 +173,13 @@ def main() -> None:
             print(f"{r['layer']:<16} {r['shape']:<10} {r['plain_ms']:9.1f} {r['kernel_ms']:10.1f} "
                   f"{r['plain_ms'] / r['kernel_ms']:7.2f}x  {r['route']}")
         print()
-    print(f"{'model':<8} {'forward, kernels off':>21} {'kernels on':>11} {'speed-up':>8}   ({args.size}, "
-          f"{args.threads} threads, median of {args.rounds})")
+    print(f"{'model':<8} {'forward, kernels off':>21} {'on, no NNPACK':>14} {'kernels on':>11} {'speed-up':>8}   "
+          f"({args.size}, {args.threads} threads, median of {args.rounds})")
     for arch in args.arch:
         r = bench_forward(arch, h, w, args.rounds)
         res["forward"].append(r)
-        print(f"{arch:<8} {r['off_s'] * 1e3:19.0f} ms {r['on_s'] * 1e3:8.0f} ms {r['off_s'] / r['on_s']:7.2f}x")
+        print(f"{arch:<8} {r['off_s'] * 1e3:19.0f} ms {r['no_nnpack_s'] * 1e3:11.0f} ms {r['on_s'] * 1e3:8.0f} ms "
+              f"{r['off_s'] / r['on_s']:7.2f}x")
     print()
     print(f"{'model':<8} {'exact synthesis, one band':>26} {'banded':>9} {'speed-up':>8}   (bit-identical)")
     res["exact_synthesis"] = []
