@@ -10,8 +10,9 @@ Two kinds of networks run in a codec, with different rules:
   pixel shuffle folded into a weight-row permutation (a block copy of whole channel vectors), the depthwise bias of
   the prior-flavour blocks folded into the next 1x1 bias, and the 4x-wide FFNs evaluated in row bands that stay in
   cache. On a CPU in float32 the layers run through the kernels of :mod:`evc.kernels`, chosen per shape: oneDNN
-  1x1/KxK convolutions with the bias and the activation fused into their epilogue, and Winograd F(4x4,3x3) for the
-  wide dense 3x3 convolutions (``kernels=False`` turns them off, for comparisons). ``dtype`` may be
+  1x1/KxK convolutions with the bias and the activation fused into their epilogue, and for the wide dense 3x3
+  convolutions Winograd: our F(4x4,3x3) at low resolution, NNPACK's from 16,384 pixels on (``kernels=False`` turns
+  them off, for comparisons). ``dtype`` may be
   float16/bfloat16 (meant for GPUs; on a CPU without native bf16/fp16 it is slower).
 * **Entropy-parameter networks** (``hyper_dec``, ``y_prior_fusion``, ``y_spatial_prior``) and the default exact
   synthesis must give the encoder's numbers bit for bit. :class:`FastExactNet` computes *exactly* what

@@ -53,9 +53,13 @@ def onednn_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def nnpack_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether NNPACK's convolution can run here (CPU, float32, NNPACK in this torch build and usable on this CPU).
+    """Whether NNPACK's convolution can run here: CPU, float32, NNPACK in this torch build and usable on this CPU,
+    and not switched off by the user (``torch.backends.nnpack.set_flags(False)``; read when a transform is built).
     ``torch._nnpack_available()`` also initialises NNPACK: its convolution fails until that has been called."""
-    return device.type == "cpu" and dtype == torch.float32 and bool(torch._nnpack_available())
+    available = getattr(torch, "_nnpack_available", None)
+    enabled = getattr(torch._C, "_get_nnpack_enabled", lambda: True)
+    return (device.type == "cpu" and dtype == torch.float32 and available is not None and bool(available())
+            and bool(enabled()))
 
 
 def _block(n: int) -> int:

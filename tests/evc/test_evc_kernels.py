@@ -62,6 +62,15 @@ def test_nnpack_matches_conv2d(bsz, h, w, bias, act):
     assert _rel(out, ref) < 1e-4
 
 
+@NEEDS_NNPACK
+def test_nnpack_respects_torch_flag():
+    """torch.backends.nnpack.set_flags(False) switches our NNPACK route off (oneDNN/ATen take those layers)."""
+    with torch.backends.nnpack.flags(enabled=False):
+        assert not nnpack_ok(*CPU32)
+    assert nnpack_ok(*CPU32)
+    assert not nnpack_ok(torch.device("cpu"), torch.bfloat16)
+
+
 @pytest.mark.parametrize("shape", [(1, 16, 24, 5), (2, 7, 9, 3), (1, 1, 1, 2)])
 def test_blocked_transposes(shape):
     """The two-pass transposes are exact permutations, whatever block size the pixel count allows."""
