@@ -12,7 +12,8 @@ AVX2) with torch 2.13 (docs/performance.md §3.5):
   two small GEMMs (1.0-1.1x faster than oneDNN's direct convolution at 128 channels, 1.3-1.5x at 192; slower at 64,
   which stays direct); from :data:`NNPACK_MIN_PX` on, where our transforms' 36x-wide intermediates no longer fit in
   cache, NNPACK's transform-domain convolution (shipped in the torch CPU wheel, algorithm chosen by NNPACK; NCHW,
-  so the activations are transposed in and out in cache-sized blocks): 1.5x faster than oneDNN's direct convolution at 192 channels and 256x384 pixels, 1.7x at 544x960;
+  so the activations are transposed in and out in cache-sized blocks): 1.5x faster than oneDNN's direct
+  convolution at 192 channels and 256x384 pixels, 1.7x at 544x960;
 * every other convolution is oneDNN's, again with the activation fused.
 
 Anywhere else (CUDA, reduced precision, a torch build without oneDNN) the kernels fall back to plain ATen calls with
