@@ -161,6 +161,14 @@ def _anon_huge_mb() -> float | None:
     return None
 
 
+def _cpu_kernels() -> dict[str, bool]:
+    """Which optional CPU backends the fast path's kernels can use in this torch build on this CPU (float32)."""
+    from .kernels import nnpack_ok, onednn_ok
+
+    cpu32 = (torch.device("cpu"), torch.float32)
+    return {"onednn": onednn_ok(*cpu32), "nnpack": nnpack_ok(*cpu32)}
+
+
 def sgemm_probe(size: int = 1024, reps: int = 5) -> float:
     """The machine's current float32 GEMM rate in GFLOP/s (best of ``reps`` square ``size`` matmuls with torch's
     thread setting): recorded before and after a CPU bench, because a shared host's speed drifts (docs/performance.md
@@ -289,6 +297,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                     "sgemm_gflops_before": probe_before and round(probe_before, 1),
                     "sgemm_gflops_after": probe_after and round(probe_after, 1),
                     "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"), "anon_huge_pages_mb": _anon_huge_mb(),
+                    "cpu_kernels": _cpu_kernels() if dev.type == "cpu" else None,
                     "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
         "forward_gmac": forward_macs(model, xp.shape[-2], xp.shape[-1]) / 1e9 if "forward" in cfg.stages else None,
         "fast_engine_build_s": round(build_s, 3),
@@ -396,6 +405,9 @@ def format_table(res: dict[str, Any]) -> str:
              + (f"; sgemm 1024^2 before {m['sgemm_gflops_before']:.0f}, after {m['sgemm_gflops_after']:.0f} GFLOP/s"
                 if m.get("sgemm_gflops_before") else "")
              + (f"; {m['anon_huge_pages_mb']:.0f} MB on huge pages" if m.get("anon_huge_pages_mb") is not None
+                else "")
+             + (f"; CPU kernels: oneDNN {'yes' if m['cpu_kernels']['onednn'] else 'no'}, NNPACK "
+                f"{'yes' if m['cpu_kernels']['nnpack'] else 'no'}" if m.get("cpu_kernels") and c.get("kernels", True)
                 else "")]
     head = f"{'stage':<46}" + "".join(f"{n + ' ms':>22}" for n in names)
     if "speedup" in res:

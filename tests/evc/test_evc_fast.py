@@ -205,6 +205,7 @@ def test_bench_fast_cli(tmp_path, capsys):
     assert d["machine"]["sgemm_gflops_before"] > 0 and d["machine"]["sgemm_gflops_after"] > 0
     assert "sgemm 1024^2 before" in out and "anon_huge_pages_mb" in d["machine"]
     assert d["config"]["kernels"] is True and d["config"]["impl"] == "fused"
+    assert set(d["machine"]["cpu_kernels"]) == {"onednn", "nnpack"} and "CPU kernels: oneDNN" in out
     assert cli(["bench", "--arch", "mini_EVC_SS", "--size", "64x64", "--runs", "1", "--warmup", "0",
                 "--stages", "forward", "--no-reference", "--no-kernels", "--json", str(j)]) == 0
     assert "no-kernels" in capsys.readouterr().out and json.loads(j.read_text())["config"]["kernels"] is False
