@@ -31,33 +31,19 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+@pytest.mark.parametrize("kernel", [Winograd3x3, pytest.param(NNPACK3x3, marks=NEEDS_NNPACK)])
 @pytest.mark.parametrize("bsz,h,w,bias,act", [(1, 13, 18, True, None), (2, 8, 8, False, 0.1), (1, 5, 21, True, "relu")])
-def test_winograd_matches_conv2d(bsz, h, w, bias, act):
-    """F(4x4,3x3) vs a direct convolution: sizes not multiple of 4, batch 2, no bias, all activations;
-    relative max error below 1e-4 (float32 Winograd is ~1e-5)."""
+def test_winograd_kernels_match_conv2d(kernel, bsz, h, w, bias, act):
+    """Our F(4x4,3x3) and NNPACK (through the blocked NHWC<->NCHW transposes) vs a direct convolution: sizes not
+    multiple of 4 (the transposes fall back to small blocks), batch 2, no bias, all activations, a non-contiguous
+    input; relative max error below 1e-4 (float32 Winograd is ~1e-5)."""
     g = torch.Generator().manual_seed(0)
-    cin, cout = 24, 40
-    x = torch.randn(bsz, h, w, cin, generator=g)
-    wt = torch.randn(cout, cin, 3, 3, generator=g) / math.sqrt(9 * cin)
-    b = torch.randn(cout, generator=g) if bias else None
-    ref = _act_ref(F.conv2d(x.permute(0, 3, 1, 2), wt, b, 1, 1), act).permute(0, 2, 3, 1)
-    out = Winograd3x3(wt, b, act)(x)
-    assert out.shape == ref.shape and out.is_contiguous()
-    assert _rel(out, ref) < 1e-4
-
-
-@NEEDS_NNPACK
-@pytest.mark.parametrize("bsz,h,w,bias,act", [(1, 13, 18, True, 0.1), (2, 8, 8, False, None), (1, 5, 21, True, "relu")])
-def test_nnpack_matches_conv2d(bsz, h, w, bias, act):
-    """NNPACK through the blocked NHWC<->NCHW transposes vs a direct convolution: odd sizes (the transposes fall back
-    to small blocks), batch 2, no bias, all activations, a non-contiguous input; relative max error below 1e-4."""
-    g = torch.Generator().manual_seed(4)
     cin, cout = 24, 40
     x = torch.randn(bsz, h, w + 1, cin, generator=g)[:, :, 1:]
     wt = torch.randn(cout, cin, 3, 3, generator=g) / math.sqrt(9 * cin)
     b = torch.randn(cout, generator=g) if bias else None
     ref = _act_ref(F.conv2d(x.permute(0, 3, 1, 2), wt, b, 1, 1), act).permute(0, 2, 3, 1)
-    out = NNPACK3x3(wt, b, act)(x)
+    out = kernel(wt, b, act)(x)
     assert out.shape == ref.shape and out.is_contiguous()
     assert _rel(out, ref) < 1e-4
 
@@ -152,18 +138,18 @@ def test_use_winograd_conditions():
     assert not use_winograd(torch.nn.Conv2d(c, c, 3, padding=1), torch.device("cpu"), torch.bfloat16)
 
 
+@pytest.mark.parametrize("route", [Winograd3x3, pytest.param(NNPACK3x3, marks=NEEDS_NNPACK)])
 @pytest.mark.parametrize("name", ["enc", "dec"])
-def test_fast_transform_with_every_kernel(monkeypatch, name):
-    """The fused transforms with Winograd on every dense 3x3 stride-1 conv and oneDNN on every 1x1 layer (thresholds
-    forced to 0) still match the eager module: relative max error < 1e-4. (The NNPACK route of the same layers is
-    covered by test_fast_transform_with_nnpack.)"""
+def test_fast_transform_with_every_kernel(monkeypatch, name, route):
+    """The fused transforms with every dense 3x3 stride-1 conv on one Winograd route (ours, or NNPACK) and oneDNN on
+    every 1x1 layer (thresholds forced) still match the eager module: relative max error < 1e-4."""
     monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(kernels, "NNPACK_MIN_PX", 1 << 40)
+    monkeypatch.setattr(kernels, "NNPACK_MIN_PX", 0 if route is NNPACK3x3 else 1 << 40)
     monkeypatch.setattr(kernels, "_ONEDNN_MIN_PX", 0)
     monkeypatch.setattr(kernels, "_ONEDNN_ALWAYS", 0)
     calls = []
-    wino_call = Winograd3x3.__call__
-    monkeypatch.setattr(Winograd3x3, "__call__", lambda self, x: calls.append(x.shape) or wino_call(self, x))
+    route_call = route.__call__
+    monkeypatch.setattr(route, "__call__", lambda self, x: calls.append(x.shape) or route_call(self, x))
     torch.manual_seed(0)
     model = evc.build_model("mini_EVC_SS").eval()
     mod = getattr(model, name)
@@ -172,23 +158,5 @@ def test_fast_transform_with_every_kernel(monkeypatch, name):
     with torch.no_grad():
         ref = mod(x)
         out = FastTransform(mod)(x)
-    assert calls, "no convolution took the Winograd path"
-    assert _rel(out, ref) < 1e-4
-
-
-@NEEDS_NNPACK
-def test_fast_transform_with_nnpack(monkeypatch):
-    """The synthesis transform with every dense 3x3 stride-1 conv on NNPACK matches the eager module (< 1e-4)."""
-    monkeypatch.setattr(kernels, "WINOGRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(kernels, "NNPACK_MIN_PX", 0)
-    calls = []
-    nn_call = NNPACK3x3.__call__
-    monkeypatch.setattr(NNPACK3x3, "__call__", lambda self, x: calls.append(x.shape) or nn_call(self, x))
-    torch.manual_seed(0)
-    model = evc.build_model("mini_EVC_SS").eval()
-    x = torch.randn(1, model.N, 4, 8, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        ref = model.dec(x)
-        out = FastTransform(model.dec)(x)
-    assert calls, "no convolution took the NNPACK path"
+    assert calls, f"no convolution took the {route.__name__} path"
     assert _rel(out, ref) < 1e-4
