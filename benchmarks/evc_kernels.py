@@ -87,18 +87,17 @@ def bench_layers(shapes_pw: set, shapes_w3: set, rounds: int) -> list[dict]:
         rows.append({"layer": f"1x1 {cin}->{cout}", "shape": f"{n} px", "plain_ms": t["plain"],
                      "kernel_ms": t["kernel"], "route": "oneDNN 1x1 + fused bias/act"})
     cpu32 = (torch.device("cpu"), torch.float32)
+    onednn, nnpack = onednn_ok(*cpu32), nnpack_ok(*cpu32)
     for h, w, cin, cout in sorted(shapes_w3):
         conv = torch.nn.Conv2d(cin, cout, 3, padding=1)
         x = torch.randn(1, h, w, cin, generator=g)
         wt, b = conv.weight.detach(), conv.bias.detach()
-        routes: dict[str, Callable[[], object]] = {
-            "plain": lambda: ConvKxK(wt, b, (1, 1), (1, 1), 1, 0.01, onednn=onednn_ok(*cpu32))(x),
-            "winograd": lambda k=Winograd3x3(wt, b, 0.01): k(x)}
-        if nnpack_ok(*cpu32):
-            routes["nnpack"] = lambda k=NNPACK3x3(wt, b, 0.01): k(x)
-        t = _best(routes, rounds)
+        kerns = {"plain": ConvKxK(wt, b, (1, 1), (1, 1), 1, 0.01, onednn=onednn), "winograd": Winograd3x3(wt, b, 0.01)}
+        if nnpack:
+            kerns["nnpack"] = NNPACK3x3(wt, b, 0.01)
+        t = _best({k: (lambda kern=kern: kern(x)) for k, kern in kerns.items()}, rounds)
         chosen = use_winograd(conv, *cpu32)
-        wide = Wide3x3(wt, b, 0.01, onednn=onednn_ok(*cpu32), nnpack=nnpack_ok(*cpu32)).backend(h * w)
+        wide = Wide3x3(wt, b, 0.01, onednn=onednn, nnpack=nnpack).backend(h * w)
         key = {Winograd3x3: "winograd", NNPACK3x3: "nnpack", ConvKxK: "plain"}[type(wide)] if chosen else "plain"
         rows.append({"layer": f"3x3 {cin}->{cout}", "shape": f"{h}x{w}", "plain_ms": t["plain"],
                      "kernel_ms": t[key], "winograd_ms": t["winograd"], "nnpack_ms": t.get("nnpack"),

@@ -490,7 +490,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .bitstream import atomic_write_bytes
-    from .cli import CLIError
+    from .cli import CLIError, check_cuda_graphs
     from .fast import tune_allocator
 
     if args.runs < 1 or args.warmup < 0:
@@ -499,8 +499,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CLIError("--threads must be >= 1")
     if args.channels_last and args.impl == "fused":
         log.info("--channels-last: the fused executor is channels-last already")
-    if args.cuda_graphs and not args.device.startswith("cuda"):
-        raise CLIError("--cuda-graphs needs --device cuda")
+    check_cuda_graphs(args.cuda_graphs, args.device)
     if args.json_out:
         d = os.path.dirname(os.path.abspath(args.json_out))
         if not os.path.isdir(d):

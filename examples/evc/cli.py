@@ -205,14 +205,19 @@ def _setup_torch(args: argparse.Namespace) -> None:
         raise CLIError(f"device {dev} requested but CUDA is not available")
 
 
+def check_cuda_graphs(cuda_graphs: bool, device: Any) -> None:
+    """``--cuda-graphs`` only with a CUDA device (shared by the codec commands and ``evc bench``)."""
+    if cuda_graphs and not str(device).startswith("cuda"):
+        raise CLIError("--cuda-graphs needs --device cuda")
+
+
 def _engine(args: argparse.Namespace, model: Any) -> Any:
     """The inference engine asked for on the command line (fast unless --reference)."""
     if args.reference:
         if args.dtype != "fp32" or args.cuda_graphs:
             raise CLIError("--dtype and --cuda-graphs apply to the fast path, not to --reference")
         return None
-    if args.cuda_graphs and not str(getattr(args, "device", "cpu")).startswith("cuda"):
-        raise CLIError("--cuda-graphs needs --device cuda")
+    check_cuda_graphs(args.cuda_graphs, getattr(args, "device", "cpu"))
     from evc.codec import _state_key
     from evc.fast import DTYPES, FastEngine
 

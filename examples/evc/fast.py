@@ -12,8 +12,8 @@ Two kinds of networks run in a codec, with different rules:
   cache. On a CPU in float32 the layers run through the kernels of :mod:`evc.kernels`, chosen per shape: oneDNN
   1x1/KxK convolutions with the bias and the activation fused into their epilogue, and for the wide dense 3x3
   convolutions Winograd: our F(4x4,3x3) at low resolution, NNPACK's from 16,384 pixels on (``kernels=False`` turns
-  them off, for comparisons). ``dtype`` may be
-  float16/bfloat16 (meant for GPUs; on a CPU without native bf16/fp16 it is slower).
+  them off, for comparisons). ``dtype`` may be float16/bfloat16 (meant for GPUs; on a CPU without native
+  bf16/fp16 it is slower).
 * **Entropy-parameter networks** (``hyper_dec``, ``y_prior_fusion``, ``y_spatial_prior``) and the default exact
   synthesis must give the encoder's numbers bit for bit. :class:`FastExactNet` computes *exactly* what
   :class:`evc.exact.ExactNet` computes (same weight and activation grids, same order of every rounding elementwise
@@ -22,8 +22,8 @@ Two kinds of networks run in a codec, with different rules:
   matrix, the adaptor of a block is merged into the block's first GEMM (same input, same grid), a dense 3x3
   convolution is 9 GEMMs over shifted contiguous windows of the zero-padded, row-flattened input, a depthwise 3x3
   is 9 shifted multiply-adds that skip the zero padding (every partial sum is an integer below 2^53, so any
-  grouping of the sum is exact), and per-pixel work runs in bands (on the CPU, at any thread count). Tests check ``torch.equal``
-  against ExactNet.
+  grouping of the sum is exact), and per-pixel work runs in bands (on the CPU, at any thread count). Tests check
+  ``torch.equal`` against ExactNet.
   It is not faster than ExactNet on a CPU: both are bound by float64 GEMMs (docs/performance.md).
 
 :class:`FastEngine` bundles both for :func:`evc.compress` / :func:`evc.decompress` / :func:`evc.reconstruct`
@@ -629,7 +629,7 @@ class _XLin:
         assert fan_in is not None
         self.fan_in = fan_in
         self.a_bits = _a_bits(fan_in)
-        wq, scale_w = _fold_scales(torch.cat(wqs), torch.cat(ks), 0)
+        wq, scale_w = _fold_scales(torch.cat(wqs), torch.cat(ks))
         self.wqt = wq.t().contiguous().to(device)  # (C_in, C_out_total)
         self.scale_w = scale_w.to(device) if scale_w is not None else None
         self.bias = torch.cat(bs_).to(device)
@@ -674,8 +674,8 @@ def _sample_exponent(x: torch.Tensor, a_bits: int) -> torch.Tensor:
     return (_exponent(torch.maximum(flat.amax(1), flat.amin(1).neg_())) - a_bits).view(b, 1, 1, 1)
 
 
-def _fold_scales(wq: torch.Tensor, k: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Fold the per-row power-of-two weight scales into the integer weights where that is exact.
+def _fold_scales(wq: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fold the per-row power-of-two weight scales ``k`` into the integer weight rows ``wq`` where that is exact.
 
     The reference multiplies the exact integer sums by ``2**k`` afterwards. With ``wq * 2**k`` as the weights every
     product and every partial sum of output channel j is an integer below 2^53 times ``2**k_j``, so the GEMM returns
@@ -683,9 +683,7 @@ def _fold_scales(wq: torch.Tensor, k: torch.Tensor, dim: int) -> tuple[torch.Ten
     normal and finite (-1022 <= k_j <= 969, i.e. any realistic weights); otherwise the scales stay separate.
     Returns (weights, scales to apply afterwards or None)."""
     if int(k.min()) >= -1022 and int(k.max()) <= 1023 - 54:
-        shape = [1] * wq.dim()
-        shape[dim] = -1
-        return wq * pow2(k).view(shape), None
+        return wq * pow2(k).unsqueeze(1), None
     return wq, pow2(k)
 
 
@@ -699,7 +697,7 @@ class _XDW:
             raise NotImplementedError("exact path supports only stride-1 3x3 depthwise convolutions")
         w = conv.weight.detach().to(torch.float64)[:, 0]
         self.a_bits = _MANT - W_BITS - 4
-        wq, scale_w = _fold_scales(*quantize_rows(w.flatten(1)), 0)
+        wq, scale_w = _fold_scales(*quantize_rows(w.flatten(1)))
         self.wq = wq.t().contiguous().to(device)  # (9, C)
         self.scale_w = scale_w.to(device) if scale_w is not None else None
         self.bias = conv.bias.detach().to(torch.float64).to(device)
@@ -738,7 +736,7 @@ class _XConv3:
             raise NotImplementedError("exact path supports only stride-1 3x3 dense convolutions here")
         w = conv.weight.detach().to(torch.float64)  # (O, C, 3, 3)
         self.a_bits = _a_bits(w[0].numel())
-        wq, scale_w = _fold_scales(*quantize_rows(w.flatten(1)), 0)
+        wq, scale_w = _fold_scales(*quantize_rows(w.flatten(1)))
         wq = wq.view_as(w)
         self.taps = [wq[:, :, i, j].t().contiguous().to(device) for i in range(3) for j in range(3)]  # (C, O)
         self.scale_w = scale_w.to(device) if scale_w is not None else None

@@ -63,9 +63,9 @@ def test_fast_exact_twin_folds_weight_scales_only_where_exact(mini):
     from evc.fast import _fold_scales
 
     wq = torch.tensor([[3.0, -5.0], [7.0, 1.0]], dtype=torch.float64)
-    folded, rest = _fold_scales(wq, torch.tensor([-30, 4]), 0)
+    folded, rest = _fold_scales(wq, torch.tensor([-30, 4]))
     assert rest is None and torch.equal(folded, wq * torch.tensor([[2.0 ** -30], [16.0]], dtype=torch.float64))
-    kept, rest = _fold_scales(wq, torch.tensor([-1040, 0]), 0)
+    kept, rest = _fold_scales(wq, torch.tensor([-1040, 0]))
     assert torch.equal(kept, wq) and rest is not None and torch.equal(rest, pow2(torch.tensor([-1040, 0])))
     g = torch.Generator().manual_seed(3)
     x = (torch.randn(1, mini.N, 5, 6, generator=g, dtype=torch.float64) * 3).round()
