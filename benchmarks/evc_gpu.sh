@@ -13,6 +13,9 @@
 set -u
 OUT=${1:?usage: benchmarks/evc_gpu.sh OUT_DIR [IMAGES_DIR] [MODEL]}
 IMAGES=${2:-../shared/data/kodak}
+if [[ "${SET:-full}" != compile ]] && ! compgen -G "$IMAGES/*.png" > /dev/null; then  # fail before any GPU time
+    echo "benchmarks/evc_gpu.sh: no PNG images in $IMAGES (pass a folder of PNGs as IMAGES_DIR)" >&2; exit 2
+fi
 MODEL=${3:-random:mini_EVC_SS}
 DEVICE=${DEVICE:-cuda}
 DEADLINE_S=${DEADLINE_S:-420}

@@ -1,6 +1,7 @@
 """Profiling: MACs, parameters, measured latency and per-layer widths of a model."""
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,21 @@ class Report:
             for r in self.layers:
                 lines.append(f"{r['name']:<{w}}  {r['type']:<16} {r['in']:>6} {r['out']:>6} {r['macs'] / 1e6:>10.3f}")
         return "\n".join(lines)
+
+
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name (the first ``model name`` of ``cpuinfo`` on Linux, else :func:`platform.processor`), for
+    benchmark records: timings from two hosts are only comparable with the CPU named. Falls back to the
+    architecture (``x86_64``)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def measure_latency(fn: Callable[[], Any], warmup: int = 3, runs: int = 10, device: str = "cpu") -> list[float]:

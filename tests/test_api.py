@@ -150,3 +150,13 @@ def test_masks_on_a_gpu_model_with_cpu_example_inputs() -> None:
     masks = md.ChannelMasks(model, torch.randn(1, 3, 32, 32))
     plan = md.plan(masks, macs=0.5)
     assert plan.macs < masks.teacher_macs and md.count_macs(model, torch.randn(1, 3, 32, 32)) > 0
+
+
+def test_cpu_name_reads_the_model_name_and_falls_back(tmp_path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n")
+    assert md.cpu_name(str(info)) == "AMD EPYC 7B13 64-Core Processor"
+    info.write_text("processor\t: 0\nmodel name\t:\n")  # empty, as some VMs report it
+    fallback = md.cpu_name(str(tmp_path / "missing"))
+    assert fallback and md.cpu_name(str(info)) == fallback

@@ -23,13 +23,14 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
+
+import maskdecay as md
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +292,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                    "threads": torch.get_num_threads(),
                    "runs": cfg.runs, "warmup": cfg.warmup, "rate_index": cfg.rate_index,
                    "image": cfg.image or "synthetic", "stages": list(cfg.stages), **cfg.extra},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "machine": {"cpu": md.cpu_name(), "cpu_count": os.cpu_count(),
                     "torch": torch.__version__, "loadavg_before": [round(v, 2) for v in load_before],
                     "loadavg_after": [round(v, 2) for v in load_after],
                     "sgemm_gflops_before": probe_before and round(probe_before, 1),
@@ -401,7 +402,7 @@ def format_table(res: dict[str, Any]) -> str:
              + ("" if c.get("kernels", True) else " no-kernels")
              + f"; random weights; median (p90) of {c['runs']} runs after {c['warmup']} warm-up",
              f"load average before {m['loadavg_before'][0]:.2f}, after {m['loadavg_after'][0]:.2f} "
-             f"({m['cpu_count']} CPUs)"
+             f"({m['cpu']}, {m['cpu_count']} CPUs)"
              + (f"; sgemm 1024^2 before {m['sgemm_gflops_before']:.0f}, after {m['sgemm_gflops_after']:.0f} GFLOP/s"
                 if m.get("sgemm_gflops_before") else "")
              + (f"; {m['anon_huge_pages_mb']:.0f} MB on huge pages" if m.get("anon_huge_pages_mb") is not None

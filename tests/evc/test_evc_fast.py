@@ -202,6 +202,7 @@ def test_bench_fast_cli(tmp_path, capsys):
         assert d["results"]["fast"][k]["median_s"] > 0 and k in d["speedup"]
     assert d["streams_identical"] and d["cross_decode_identical"]
     assert len(d["machine"]["loadavg_before"]) == 3
+    assert d["machine"]["cpu"] and f"({d['machine']['cpu']}, " in out
     assert d["machine"]["sgemm_gflops_before"] > 0 and d["machine"]["sgemm_gflops_after"] > 0
     assert "sgemm 1024^2 before" in out and "anon_huge_pages_mb" in d["machine"]
     assert d["config"]["kernels"] is True and d["config"]["impl"] == "fused"
