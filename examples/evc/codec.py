@@ -13,8 +13,9 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -376,9 +377,73 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
+class _Coder:
+    """The encoder's symbol writes, in stream order: inline, or on one CPU thread while the device runs the next
+    networks (``overlap``). On CUDA, overlapped jobs get their host copies from non-blocking transfers followed by
+    a CUDA event, so the thread waits for exactly the tensors it codes, not for the networks queued after them.
+    ``busy`` sums the time spent writing (the CPU cost of the entropy coding, waits excluded)."""
+
+    def __init__(self, dev: torch.device, overlap: bool) -> None:
+        self.writer = SymbolWriter()
+        self.dev = dev
+        self.busy = 0.0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="evc-coder") if overlap else None
+        self._jobs: list[Future] = []
+
+    def __enter__(self) -> "_Coder":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def write(self, values: torch.Tensor, idx: torch.Tensor | np.ndarray, tables: Sequence) -> None:
+        """Queue the symbols ``values`` (integer-valued, any float or int dtype) with their table indices."""
+        if self._pool is None:
+            _sync(self.dev)
+            t = time.perf_counter()
+            self._write(values, idx, tables)
+            self.busy += time.perf_counter() - t
+            return
+        ready = None
+        if self.dev.type == "cuda":
+            values = values.to("cpu", non_blocking=True)
+            if isinstance(idx, torch.Tensor):
+                idx = idx.to("cpu", non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:  # CPU tensors are computed already; snapshot them against later in-place use
+            values = values.clone()
+            if isinstance(idx, torch.Tensor):
+                idx = idx.clone()
+        self._jobs.append(self._pool.submit(self._job, values, idx, tables, ready))
+
+    def _job(self, values: torch.Tensor, idx: torch.Tensor | np.ndarray, tables: Sequence,
+             ready: torch.cuda.Event | None) -> None:
+        if ready is not None:
+            ready.synchronize()
+        t = time.perf_counter()
+        self._write(values, idx, tables)
+        self.busy += time.perf_counter() - t  # one worker thread: no concurrent update
+
+    def _write(self, values: torch.Tensor, idx: torch.Tensor | np.ndarray, tables: Sequence) -> None:
+        idx_np = idx.cpu().numpy() if isinstance(idx, torch.Tensor) else idx
+        self.writer.write(values.cpu().numpy().astype(np.int64), idx_np, tables)
+
+    def finish(self) -> bytes:
+        """Wait for the queued writes (re-raising their errors) and return the entropy-coded payload."""
+        for job in self._jobs:
+            job.result()
+        t = time.perf_counter()
+        payload = self.writer.finish()
+        self.busy += time.perf_counter() - t
+        return payload
+
+
 @torch.no_grad()
 def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = None, flags: int = 0,
-             return_recon: bool = False, engine: ReferenceEngine | None = None) -> EncodeResult:
+             return_recon: bool = False, engine: ReferenceEngine | None = None,
+             overlap: bool | None = None) -> EncodeResult:
     """Encode one image ``x`` (1,3,H,W) in [0,1] to bytes.
 
     Args:
@@ -390,6 +455,11 @@ def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = N
         return_recon: also synthesise the reconstruction (not part of the timed encoder).
         engine: the networks to run (default :class:`ReferenceEngine`; :class:`evc.fast.FastEngine` is faster and
             gives the same entropy parameters).
+        overlap: entropy-code on a CPU thread while the device computes the next entropy parameters (the stream is
+            the same either way). Default: on CUDA devices, whose networks run asynchronously; on the CPU the
+            coder would compete with the networks for the same cores (it works there, mainly for testing).
+            ``times["entropy_coding"]`` is the coding time left on the critical path; with overlap,
+            ``times["entropy_coding_cpu"]`` is its CPU time.
     """
     _check_input(x)
     if x.shape[0] != 1:
@@ -416,39 +486,36 @@ def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = N
     _sync(dev)
     t1 = time.perf_counter()
     times["analysis"] = t1 - t0
-    writer = SymbolWriter()
-    t_code = 0.0
-    tc = time.perf_counter()
-    z_sym = z_hat.cpu().numpy().astype(np.int64)
-    writer.write(z_sym, _z_index(z_hat), ctx.z_tables)
-    t_code += time.perf_counter() - tc
-    params = _prior(eng, z_hat)
-    est_y = [0.0]
+    overlap = dev.type == "cuda" if overlap is None else bool(overlap)
+    est_y: list[torch.Tensor] = []
+    with _Coder(dev, overlap) as coder:
+        coder.write(z_hat, _z_index(z_hat), ctx.z_tables)
+        params = _prior(eng, z_hat)
 
-    def enc(res: torch.Tensor | None, scales: torch.Tensor) -> torch.Tensor:
-        nonlocal t_code
-        assert res is not None
-        est_y[0] += float(gaussian_bits(res, scales).sum())
-        idx = scale_to_index(scales)
+        def enc(res: torch.Tensor | None, scales: torch.Tensor) -> torch.Tensor:
+            assert res is not None
+            est_y.append(gaussian_bits(res, scales).sum())  # converted at the end: no device sync in the loop
+            coder.write(res, scale_to_index(scales), ctx.y_tables)
+            return res
+
+        y_hat = _dual_prior(eng, params, y2, enc)
         _sync(dev)
-        tcc = time.perf_counter()
-        writer.write(res.cpu().numpy().astype(np.int64), idx.cpu().numpy(), ctx.y_tables)
-        t_code += time.perf_counter() - tcc
-        return res
-
-    y_hat = _dual_prior(eng, params, y2, enc)
-    tc = time.perf_counter()
-    payload = writer.finish()
-    t_code += time.perf_counter() - tc
+        t_net = time.perf_counter()
+        payload = coder.finish()
     hdr = bs.Header(flags, ARCH_CODES.get(model.name, 255), ctx.weights_hash, ctx.tables_crc, int(H), int(W),
                     rate.q_scale, rate.rate_index)
     data = bs.pack(hdr, payload)
     _sync(dev)
     t2 = time.perf_counter()
-    times["entropy_coding"] = t_code
-    times["prior"] = (t2 - t1) - t_code
+    if overlap:
+        times["entropy_coding"] = t2 - t_net
+        times["entropy_coding_cpu"] = coder.busy
+    else:
+        times["entropy_coding"] = coder.busy
+    times["prior"] = (t2 - t1) - times["entropy_coding"]
     times["total"] = t2 - t0
-    est_bits = est_y[0] + float(_z_bits(model, z_hat).sum())
+    writer = coder.writer
+    est_bits = sum((float(b) for b in est_y), 0.0) + float(_z_bits(model, z_hat).sum())
     x_hat = None
     if return_recon:
         x_hat = _synth(eng, y_hat, curr_q)[..., :H, :W]

@@ -214,6 +214,42 @@ def test_bench_fast_cli(tmp_path, capsys):
     assert "unknown stage" in capsys.readouterr().err
 
 
+def test_overlapped_entropy_coding_writes_the_same_stream(mini, monkeypatch):
+    """compress(overlap=True) codes on a worker thread (the CUDA default): same bytes, estimates and symbol count as
+    inline coding, its CPU time reported, and an error raised on the thread reaches the caller."""
+    x = _image(64, 128, seed=8)
+    rate = evc.select_rate(mini, rate_index=3)
+    eng = FastEngine(mini)
+    inline = evc.compress(mini, x, rate, engine=eng)
+    over = evc.compress(mini, x, rate, engine=eng, overlap=True)
+    assert over.data == inline.data and over.num_symbols == inline.num_symbols
+    assert over.est_bits == inline.est_bits and over.ideal_bits == inline.ideal_bits
+    assert "entropy_coding_cpu" not in inline.times and over.times["entropy_coding_cpu"] > 0
+    for r in (inline, over):
+        assert r.times["analysis"] + r.times["prior"] + r.times["entropy_coding"] == pytest.approx(r.times["total"])
+
+    def broken(self, values, idx, tables):
+        raise evc.entropy.StreamError("boom from the coder thread")
+
+    monkeypatch.setattr(evc.entropy.SymbolWriter, "write", broken)
+    with pytest.raises(evc.entropy.StreamError, match="boom from the coder thread"):
+        evc.compress(mini, x, rate, engine=eng, overlap=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
+def test_cuda_overlap_matches_inline_coding(mini):
+    """GPU: entropy coding overlapped with the networks (the default on CUDA) writes the inline coder's bytes."""
+    m = evc.build_model("mini_EVC_SS").eval()
+    m.load_state_dict(mini.state_dict())
+    mc = m.to("cuda")
+    x = _image(64, 128, seed=9).cuda()
+    rate = evc.select_rate(mc, rate_index=3)
+    eng = FastEngine(mc, dtype=torch.float16, cuda_graphs=True)
+    over = evc.compress(mc, x, rate, engine=eng)
+    assert "entropy_coding_cpu" in over.times
+    assert over.data == evc.compress(mc, x, rate, engine=eng, overlap=False).data
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_reduced_precision_and_graphs(mini, dtype):
