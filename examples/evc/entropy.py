@@ -227,12 +227,12 @@ class _TableSet:
         self.los = np.array([t.lo for t in tables], dtype=np.int64)
         self.escs = np.array([t.escape for t in tables], dtype=np.int64)
         self.models = [t.model for t in tables]
-        self.width = max((len(t.freqs) for t in tables), default=1)
-        self.bits = np.zeros((len(tables), self.width), dtype=np.float64)
+        width = max((len(t.freqs) for t in tables), default=1)
+        bits = np.zeros((len(tables), width), dtype=np.float64)
         for i, t in enumerate(tables):
-            self.bits[i, :len(t.freqs)] = t.bits
-        self.bits = self.bits.ravel()
-        self.row_starts = np.arange(len(tables), dtype=np.int64) * self.width
+            bits[i, :len(t.freqs)] = t.bits
+        self.bits = bits.ravel()  # table t, bin k at row_starts[t] + k
+        self.row_starts = np.arange(len(tables), dtype=np.int64) * width
 
 
 _TABLE_SETS: dict[int, _TableSet] = {}
