@@ -17,7 +17,7 @@ import math
 import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -256,11 +256,32 @@ def _table_indices(idx: np.ndarray | Sequence[int], n_tables: int) -> np.ndarray
     return idx.astype(np.uint8 if n_tables <= 256 else np.uint16 if n_tables <= 65536 else np.int64, copy=False)
 
 
-def _group_order(idx: np.ndarray) -> np.ndarray:
-    """The stable argsort of table indices (symbols grouped by table, in stream order within a table). On 8/16-bit
-    keys numpy sorts by radix: several times faster than on int64 for the ~150k symbols of a 768x512 pass, same
-    permutation."""
-    return np.argsort(idx, kind="stable")
+class _Grouped:
+    """The symbols of one call grouped by table, the order in which they are coded: table by table, stream order
+    within a table. ``order`` maps that layout to stream positions; ``counts``, ``lo`` and ``esc_of`` (each
+    symbol's table bound and escape bin, in the grouped layout) come with it."""
+
+    def __init__(self, tables: Sequence[Table], idx: np.ndarray | Sequence[int]) -> None:
+        self.tables = _table_set(tables)
+        idx = _table_indices(idx, len(tables))
+        self.size = idx.size
+        self.counts = np.bincount(idx, minlength=len(tables))
+        # stable argsort; on 8/16-bit keys numpy sorts by radix, several times faster than on int64
+        self.order = np.argsort(idx, kind="stable")
+        self.lo = np.repeat(self.tables.los, self.counts)
+        self.esc_of = np.repeat(self.tables.escs, self.counts)
+
+    def segments(self) -> Iterator[tuple[object, int, int]]:
+        """(model, start, stop) of every table that has symbols, in coding order."""
+        start = 0
+        for t, n in enumerate(self.counts.tolist()):
+            if n:
+                yield self.tables.models[t], start, start + n
+                start += n
+
+    def in_stream_order(self, k: np.ndarray) -> np.ndarray:
+        """Grouped positions ``k`` sorted by their stream position (escapes are coded in stream order)."""
+        return k[np.argsort(self.order[k])]
 
 
 class SymbolWriter:
@@ -280,27 +301,16 @@ class SymbolWriter:
         values = np.asarray(values, dtype=np.int64).ravel()
         if values.size and np.abs(values).max() >= MAX_ABS_SYMBOL:
             raise StreamError("latent symbol out of the codable range (|s| >= 2^29); input or weights are broken")
-        ts = _table_set(tables)
-        idx = _table_indices(idx, len(tables))
-        if idx.size != values.size:
-            raise ValueError(f"{values.size} values but {idx.size} table indices")
-        # everything in table order (symbols grouped by table, stream order within a table)
-        counts = np.bincount(idx, minlength=len(tables))
-        order = _group_order(idx)
-        lo = np.repeat(ts.los, counts)
-        esc_of = np.repeat(ts.escs, counts)
-        cat = values[order] - lo  # bin within the table; negative or >= the escape bin: escaped
-        esc = np.flatnonzero(cat.view(np.uint64) >= esc_of.view(np.uint64))  # negatives wrap to huge
-        esc = esc[np.argsort(order[esc])]  # escapes are coded in stream order
-        v_esc, esc_bins = cat[esc], esc_of[esc]
+        g = _Grouped(tables, idx)
+        if g.size != values.size:
+            raise ValueError(f"{values.size} values but {g.size} table indices")
+        cat = values[g.order] - g.lo  # bin within the table; negative or >= the escape bin: escaped
+        esc = g.in_stream_order(np.flatnonzero(cat.view(np.uint64) >= g.esc_of.view(np.uint64)))  # negatives wrap
+        v_esc, esc_bins = cat[esc], g.esc_of[esc]
         cat[esc] = esc_bins
-        self.ideal_bits += float(ts.bits[np.repeat(ts.row_starts, counts) + cat].sum())
+        self.ideal_bits += float(g.tables.bits[np.repeat(g.tables.row_starts, g.counts) + cat].sum())
         cat = cat.astype(np.int32)
-        start = 0
-        for t, n in enumerate(counts.tolist()):
-            if n:
-                self._ops.append((cat[start:start + n], ts.models[t]))
-                start += n
+        self._ops += [(cat[start:stop], model) for model, start, stop in g.segments()]
         self.num_symbols += values.size
         self._write_escapes(v_esc, esc_bins)
 
@@ -362,25 +372,18 @@ class SymbolReader:
     def read(self, idx: np.ndarray, tables: Sequence[Table]) -> np.ndarray:
         """Decode values for the given table indices; returns an int64 array shaped like ``idx``."""
         shape = np.shape(idx)
-        ts = _table_set(tables)
-        idx = _table_indices(idx, len(tables))
-        counts = np.bincount(idx, minlength=len(tables))
-        cat = np.empty(idx.size, dtype=np.int32)  # in table order, like the writer's
-        start = 0
-        for t, n in enumerate(counts.tolist()):
-            if n:
-                cat[start:start + n] = self._decode(n, ts.models[t])
-                start += n
+        g = _Grouped(tables, idx)
+        cat = np.empty(g.size, dtype=np.int32)
+        for model, start, stop in g.segments():
+            cat[start:stop] = self._decode(stop - start, model)
         # a categorical model only decodes bins of its own table (0..escape), so no range check is needed here
-        order = _group_order(idx)
-        esc_of = np.repeat(ts.escs, counts)
-        vals = cat + np.repeat(ts.los, counts)
-        esc = np.flatnonzero(cat == esc_of)
+        vals = cat + g.lo
+        esc = np.flatnonzero(cat == g.esc_of)
         if esc.size:
-            esc = esc[np.argsort(order[esc])]  # escapes follow in stream order
-            vals[esc] += self._read_escapes(esc_of[esc]) - esc_of[esc]
-        v = np.empty(idx.size, dtype=np.int64)
-        v[order] = vals
+            esc = g.in_stream_order(esc)
+            vals[esc] += self._read_escapes(g.esc_of[esc]) - g.esc_of[esc]
+        v = np.empty(g.size, dtype=np.int64)
+        v[g.order] = vals
         return v.reshape(shape)
 
     def _read_escapes(self, esc: np.ndarray) -> np.ndarray:
