@@ -56,6 +56,20 @@ def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
     return platform.processor() or platform.machine()
 
 
+def peak_rss_mb(status: str = "/proc/self/status") -> float | None:
+    """This process's peak resident memory so far, in MB (``VmHWM`` of ``status`` on Linux); None where the file or
+    the field is missing. For benchmark records: a speed-up that needs twice the memory is a different trade."""
+    try:
+        with open(status, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "VmHWM" and value.split():
+                    return round(int(value.split()[0]) / 1024, 1)  # the kernel reports kB
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def measure_latency(fn: Callable[[], Any], warmup: int = 3, runs: int = 10, device: str = "cpu") -> list[float]:
     """Wall-clock milliseconds of ``runs`` calls of ``fn`` after ``warmup`` calls (CUDA synchronised)."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

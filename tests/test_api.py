@@ -1,6 +1,8 @@
 """Export with an optimizer, checkpoints, bad input (acceptance 3, 4, 9 of the library issue)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -160,3 +162,13 @@ def test_cpu_name_reads_the_model_name_and_falls_back(tmp_path) -> None:
     info.write_text("processor\t: 0\nmodel name\t:\n")  # empty, as some VMs report it
     fallback = md.cpu_name(str(tmp_path / "missing"))
     assert fallback and md.cpu_name(str(info)) == fallback
+
+
+def test_peak_rss_mb_reads_vmhwm_and_says_none_when_unknown(tmp_path) -> None:
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmPeak:\t 9000000 kB\nVmHWM:\t  2097152 kB\nVmRSS:\t 1048576 kB\n")
+    assert md.peak_rss_mb(str(status)) == 2048.0
+    status.write_text("Name:\tpython\n")
+    assert md.peak_rss_mb(str(status)) is None and md.peak_rss_mb(str(tmp_path / "missing")) is None
+    if os.path.exists("/proc/self/status"):  # Linux: this process is resident, so its peak is positive
+        assert md.peak_rss_mb() > 0

@@ -36,7 +36,7 @@ import maskdecay as md
 
 log = logging.getLogger(__name__)
 
-__all__ = ["add_parser", "run_bench", "BenchConfig"]
+__all__ = ["add_parser", "run_bench", "BenchConfig", "markdown_table"]
 
 STAGES = ("forward", "encode", "decode", "decode-exact")
 
@@ -302,6 +302,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                     "sgemm_gflops_before": probe_before and round(probe_before, 1),
                     "sgemm_gflops_after": probe_after and round(probe_after, 1),
                     "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"), "anon_huge_pages_mb": _anon_huge_mb(),
+                    "peak_rss_mb": md.peak_rss_mb(),
                     "cpu_kernels": _cpu_kernels() if dev.type == "cpu" else None,
                     "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None},
         "forward_gmac": forward_macs(model, xp.shape[-2], xp.shape[-1]) / 1e9 if "forward" in cfg.stages else None,
@@ -377,6 +378,74 @@ def _checks(model: Any, x: torch.Tensor, streams: dict[str, bytes], engines: dic
     return out
 
 
+_MD_STAGES = (
+    ("forward", "networks only, one forward"),
+    ("codec_networks", "codec networks, enc + dec (float synthesis)"),
+    ("encode", "encode wall (incl. entropy coding)"),
+    ("decode", "decode wall, float synthesis"),
+    ("decode-exact", "decode wall, exact synthesis (CLI default)"),
+)
+
+
+def _md_cell(res: dict[str, Any], key: str) -> str:
+    r = res["results"]
+    if key not in r.get("fast", {}):
+        return "–"
+    fast = r["fast"][key]["median_s"] * 1000
+    if key not in r.get("reference", {}):
+        return f"{fast:,.0f}"
+    return f"{r['reference'][key]['median_s'] * 1000:,.0f} → {fast:,.0f} ({res['speedup'][key]:.2f}×)"
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    """One markdown row per :func:`run_bench` result (the tables of docs/performance.md): ``ref → fast`` medians in
+    ms with the speed-up, the fast path's FPS, the machine's state, and whether the two streams were identical."""
+    head = (["variant", "size", "device", "threads", "runs", "load before → after", "sgemm GFLOP/s before / after"]
+            + [label + ": ms" for _, label in _MD_STAGES]
+            + ["fast FPS: networks only / encode / decode (exact)", "streams identical", "peak RSS, GB"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for res in results:
+        c, m, fast = res["config"], res["machine"], res["results"]["fast"]
+        fps = " / ".join(f"{1 / fast[k]['median_s']:.2f}" if k in fast else "–"
+                         for k in ("forward", "encode", "decode-exact"))
+        probe = (f"{m['sgemm_gflops_before']:.0f} / {m['sgemm_gflops_after']:.0f}"
+                 if m.get("sgemm_gflops_before") else "–")
+        if "streams_identical" not in res:
+            same = "–"
+        elif res["streams_identical"]:
+            same = "yes"
+        else:
+            same = f"no ({res['latents_differing']:,} of {res['latents_total']:,} latents)"
+        device = m.get("gpu") or m.get("cpu") or c["device"]
+        path = c["dtype"] + (" + CUDA graphs" if c["cuda_graphs"] else "") + (" + compile" if c["compile"] else "")
+        row = ([c["arch"], c["padded"], f"{device} ({path})", str(c["threads"]), str(c["runs"]),
+                f"{m['loadavg_before'][0]:.1f} → {m['loadavg_after'][0]:.1f}", probe]
+               + [_md_cell(res, k) for k, _ in _MD_STAGES]
+               + [fps, same, f"{m['peak_rss_mb'] / 1024:.1f}" if m.get("peak_rss_mb") else "–"])
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _table_main(argv: list[str] | None = None) -> int:
+    """``python -m evc.bench table A.json [B.json ...]``: the markdown table of saved ``evc bench --json`` files."""
+    ap = argparse.ArgumentParser(prog="python -m evc.bench table",
+                                 description="markdown table of evc bench --json files, one row each")
+    ap.add_argument("files", nargs="+", help="JSON files written by evc bench --json")
+    args = ap.parse_args(argv)
+    results = []
+    for path in args.files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                res = json.load(f)
+        except (OSError, ValueError) as e:
+            ap.error(f"{path}: {e}")
+        if not isinstance(res, dict) or not {"config", "machine", "results"} <= res.keys():
+            ap.error(f"{path}: not an evc bench JSON (no config/machine/results)")
+        results.append(res)
+    print(markdown_table(results))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------------------------
@@ -414,6 +483,8 @@ def format_table(res: dict[str, Any]) -> str:
                 if m.get("sgemm_gflops_before") else "")
              + (f"; {m['anon_huge_pages_mb']:.0f} MB on huge pages" if m.get("anon_huge_pages_mb") is not None
                 else "")
+             + (f"; peak RSS {m['peak_rss_mb'] / 1024:.1f} GB" if m.get("peak_rss_mb") else "")
+             + ("; --low-memory" if c.get("low_memory") else "")
              + (f"; CPU kernels: oneDNN {'yes' if m['cpu_kernels']['onednn'] else 'no'}, NNPACK "
                 f"{'yes' if m['cpu_kernels']['nnpack'] else 'no'}" if m.get("cpu_kernels") and c.get("kernels", True)
                 else "")]
@@ -486,6 +557,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated subset of {','.join(STAGES)} (default all)")
     p.add_argument("--no-reference", action="store_true", help="time the fast path only")
+    p.add_argument("--low-memory", action="store_true",
+                   help="as in evc encode/decode: glibc returns freed memory (lower peak, slower on the CPU)")
     p.add_argument("--image", default=None, help="image to code, resized to --size (default: synthetic)")
     p.add_argument("--rate-index", type=int, default=3, help="q_scale anchor 0..3 (default 3, the highest rate)")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
@@ -514,13 +587,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise CLIError(f"{args.json_out}: output folder {d} does not exist")
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     w, h = args.size
-    tuned = tune_allocator()
+    tuned = tune_allocator(keep_freed=not args.low_memory)
     cfg = BenchConfig(arch=args.arch, width=w, height=h, device=args.device, dtype=args.dtype, impl=args.impl,
                       channels_last=args.channels_last, compile=args.compile, cuda_graphs=args.cuda_graphs,
                       kernels=not args.no_kernels, threads=args.threads, runs=args.runs, warmup=args.warmup,
                       rate_index=args.rate_index,
                       image=args.image, stages=stages, reference=not args.no_reference,
-                      extra={"allocator_tuned": tuned})
+                      extra={"allocator_tuned": tuned, "low_memory": args.low_memory})
     n_engines = 1 if args.no_reference else 2
     with tqdm(total=(args.runs + args.warmup) * n_engines, desc="bench", unit="pass", leave=False) as bar:
         def progress(msg: str) -> None:
@@ -645,7 +718,9 @@ def _precision_main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) < 2 or sys.argv[1] != "precision":
-        sys.exit("usage: python -m evc.bench precision --dataset DIR --model CKPT [--dtypes bf16,fp16] [--json OUT]"
-                 " (timing: evc bench)")
-    sys.exit(_precision_main(sys.argv[2:]))
+    _COMMANDS = {"precision": _precision_main, "table": _table_main}
+    if len(sys.argv) < 2 or sys.argv[1] not in _COMMANDS:
+        sys.exit("usage: python -m evc.bench precision --dataset DIR --model CKPT [--dtypes bf16,fp16] [--json OUT]\n"
+                 "       python -m evc.bench table A.json [B.json ...]   (markdown table of evc bench --json files)\n"
+                 "timing: evc bench")
+    sys.exit(_COMMANDS[sys.argv[1]](sys.argv[2:]))

@@ -104,6 +104,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="fast path on CUDA: capture every network once per image size and replay it (pays off "
                         "from a few images of one size on, e.g. in eval)")
+    p.add_argument("--low-memory", action="store_true",
+                   help="let the C heap return freed memory instead of keeping it for reuse: lower peak memory "
+                        "(EVC_LL at 1920x1080: encode 5.1 instead of 6.3-6.7 GB; encode and decode in one process, "
+                        "as in eval, 6.3 instead of 10.1 GB), slower on the CPU (docs/performance.md 3.7)")
 
 
 def _add_rate_args(p: argparse.ArgumentParser) -> None:
@@ -485,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd in _TUNED_COMMANDS:  # before the first tensor exists (huge pages are chosen at the first allocation)
         from evc.fast import tune_allocator
 
-        tune_allocator()
+        tune_allocator(keep_freed=not args.low_memory)
     try:
         return COMMANDS[args.cmd](args)
     except KeyboardInterrupt:

@@ -534,22 +534,29 @@ class EagerTransform(_Runner):
         return self._mod(x)
 
 
-def tune_allocator() -> bool:
+def tune_allocator(keep_freed: bool = True) -> bool:
     """Process-wide memory settings for the large activations of a codec run; meant for the command line
     (``evc encode/decode/eval/bench``), which calls it before it creates any tensor.
 
-    * Keep freed memory in the process heap (glibc: no ``mmap`` for large blocks, no trimming), so the activation
-      tensors of consecutive layers reuse pages that are already mapped instead of page-faulting fresh ones.
+    * ``keep_freed``: keep freed memory in the process heap (glibc: no ``mmap`` for large blocks, no trimming), so
+      the activation tensors of consecutive layers reuse pages that are already mapped instead of page-faulting
+      fresh ones. Faster (EVC_SS 768x512 forward 634-662 vs 673-835 ms in alternating processes), but the heap
+      fragments and keeps its high-water mark: EVC_LL at 1920x1088, ``evc encode`` peaks at 6.3-6.7 GB instead of
+      5.1 GB, and a process that encodes and decodes at 10.1 GB instead of 6.3 GB (docs/performance.md §3.7).
+      ``keep_freed=False`` (the CLI's ``--low-memory``) leaves glibc's defaults.
     * Ask PyTorch to back large CPU tensors with transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, unless the
       variable is set already; PyTorch reads it at its first CPU allocation, so this part only takes effect when no
       tensor exists yet). Kernels that stream 100-300 MB activations then miss the TLB far less: EVC 768x512
       forward, separate processes in alternation on the 2-core machine, EVC_SS 4-27 % faster in 6 of 6 pairs,
       EVC_LL 4-15 % in 4 of 6 (docs/performance.md).
 
-    Returns False where the heap part does not apply (not glibc)."""
+    Returns whether the heap part was applied (False with ``keep_freed=False`` and where it does not apply: not
+    glibc)."""
     import ctypes
 
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if not keep_freed:
+        return False
 
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import evc
+from evc.bench import _table_main
 from evc.cli import main as cli
 from evc.codec import ReferenceEngine
 from evc.exact import ExactNet
@@ -174,6 +175,10 @@ def test_cli_fast_and_reference_decode_identically(tmp_path, mini):
     assert cli(["decode", str(s1), str(o1), "--model", str(p)]) == 0
     assert cli(["decode", str(s1), str(o2), "--model", str(p), "--reference"]) == 0
     assert o1.read_bytes() == o2.read_bytes()
+    s3, o3 = tmp_path / "c.evc", tmp_path / "c.png"  # --low-memory changes the allocator, never the result
+    assert cli(["encode", str(img), str(s3), "--model", str(p), "--q", "0.5", "--low-memory"]) == 0
+    assert cli(["decode", str(s3), str(o3), "--model", str(p), "--low-memory"]) == 0
+    assert s3.read_bytes() == s1.read_bytes() and o3.read_bytes() == o1.read_bytes()
 
 
 def test_cli_cuda_graphs_flag_is_checked(tmp_path, mini, capsys):
@@ -207,9 +212,26 @@ def test_bench_fast_cli(tmp_path, capsys):
     assert "sgemm 1024^2 before" in out and "anon_huge_pages_mb" in d["machine"]
     assert d["config"]["kernels"] is True and d["config"]["impl"] == "fused"
     assert set(d["machine"]["cpu_kernels"]) == {"onednn", "nnpack"} and "CPU kernels: oneDNN" in out
+    # the markdown row of docs/performance.md, from the saved JSON
+    assert _table_main([str(j), str(j)]) == 0
+    table = capsys.readouterr().out.strip().splitlines()
+    assert len(table) == 4 and table[0].startswith("| variant | size |") and set(table[1]) == set("|-")
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    assert cells[:2] == ["mini_EVC_SS", "64x64"] and cells[-2] == "yes" and len(cells) == table[0].count("|") - 1
+    assert float(cells[-1]) * 1024 == pytest.approx(d["machine"]["peak_rss_mb"], abs=52) and "peak RSS" in out
+    ref, fast = (d["results"][k]["forward"]["median_s"] * 1000 for k in ("reference", "fast"))
+    assert cells[7] == f"{ref:,.0f} → {fast:,.0f} ({d['speedup']['forward']:.2f}×)"
+    assert cells[11] == "–" and cells[12].endswith(" / –")  # decode-exact was not measured
+    bad = tmp_path / "not_bench.json"
+    bad.write_text('{"a": 1}')
+    with pytest.raises(SystemExit):
+        _table_main([str(bad)])
+    assert "not an evc bench JSON" in capsys.readouterr().err
     assert cli(["bench", "--arch", "mini_EVC_SS", "--size", "64x64", "--runs", "1", "--warmup", "0",
-                "--stages", "forward", "--no-reference", "--no-kernels", "--json", str(j)]) == 0
-    assert "no-kernels" in capsys.readouterr().out and json.loads(j.read_text())["config"]["kernels"] is False
+                "--stages", "forward", "--no-reference", "--no-kernels", "--low-memory", "--json", str(j)]) == 0
+    out, d = capsys.readouterr().out, json.loads(j.read_text())
+    assert "no-kernels" in out and d["config"]["kernels"] is False
+    assert "--low-memory" in out and d["config"]["low_memory"] is True and d["config"]["allocator_tuned"] is False
     assert cli(["bench", "--arch", "mini_EVC_SS", "--size", "64x64", "--stages", "nope"]) == 1
     assert "unknown stage" in capsys.readouterr().err
 
