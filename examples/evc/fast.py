@@ -82,6 +82,11 @@ _BAND_BYTES = 1 << 23
 _EXACT_BAND_BYTES = 1 << 24
 #: a band size no intermediate reaches: bands off
 _NO_BANDS = 1 << 62
+#: float path at any thread count: an intermediate above this many bytes is cut into bands of _MEMORY_BAND_BYTES, to
+#: bound the peak memory of large images (EVC_LL's 768-wide FFN intermediate at 1920x1088 is 1.6 GB in one piece);
+#: such bands are large enough that their OpenMP regions cost nothing measurable (docs/performance.md §3.7)
+_MEMORY_BAND_LIMIT = 1 << 29
+_MEMORY_BAND_BYTES = 1 << 27
 
 
 def _use_bands(total_bytes: int, band_bytes: int, single_thread_only: bool = True) -> bool:
@@ -275,8 +280,14 @@ class _FloatBuilder(_LayerWalker):
 
     # -- blocks ------------------------------------------------------------------------------------------------------
     def _band_px(self, n: int, widest: int) -> int:
+        """Pixels per band for a per-pixel stage whose widest intermediate has ``widest`` channels: cache-sized
+        bands where :func:`_use_bands` says so, memory-bounding ones above ``_MEMORY_BAND_LIMIT``, else one band."""
         per_px = widest * (torch.finfo(self.dtype).bits // 8)
-        return n if not _use_bands(n * per_px, self.band_bytes) else max(256, self.band_bytes // per_px)
+        if _use_bands(n * per_px, self.band_bytes):
+            return max(256, self.band_bytes // per_px)
+        if self.band_bytes != _NO_BANDS and n * per_px > _MEMORY_BAND_LIMIT:
+            return max(256, _MEMORY_BAND_BYTES // per_px)
+        return n
 
     def ffn_rows(self, m: ConvFFN | PriorConvFFN) -> tuple[Callable[..., torch.Tensor], int]:
         """Per-pixel ``x + act(W2 act(W1 x + b1) + b2)`` on (pixels, C) rows (act = ReLU, or the prior flavour's
@@ -541,8 +552,8 @@ def tune_allocator(keep_freed: bool = True) -> bool:
     * ``keep_freed``: keep freed memory in the process heap (glibc: no ``mmap`` for large blocks, no trimming), so
       the activation tensors of consecutive layers reuse pages that are already mapped instead of page-faulting
       fresh ones. Faster (EVC_SS 768x512 forward 634-662 vs 673-835 ms in alternating processes), but the heap
-      fragments and keeps its high-water mark: EVC_LL at 1920x1088, ``evc encode`` peaks at 6.3-6.7 GB instead of
-      5.1 GB, and a process that encodes and decodes at 10.1 GB instead of 6.3 GB (docs/performance.md §3.7).
+      fragments and keeps its high-water mark: EVC_LL at 1920x1088, ``evc encode`` peaks at 5.1-5.9 GB instead of
+      3.5 GB, and a process that encodes and decodes at 7.9 GB instead of 6.5 GB (docs/performance.md §3.7).
       ``keep_freed=False`` (the CLI's ``--low-memory``) leaves glibc's defaults.
     * Ask PyTorch to back large CPU tensors with transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, unless the
       variable is set already; PyTorch reads it at its first CPU allocation, so this part only takes effect when no

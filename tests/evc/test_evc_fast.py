@@ -94,6 +94,28 @@ def test_fast_transform_matches_eager(mini, name):
     assert (eager_cl - ref).abs().max() <= 1e-5 * scale
 
 
+def test_memory_bands_at_any_thread_count(mini, monkeypatch):
+    """Above _MEMORY_BAND_LIMIT the per-pixel tail + FFN run in bands whatever the thread count (large images);
+    the result is the unbanded one up to float32 noise."""
+    import evc.fast as fast
+
+    x = torch.rand(1, 3, 64, 128, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        whole = FastTransform(mini.enc)(x)
+        monkeypatch.setattr(fast, "_MEMORY_BAND_LIMIT", 1 << 12)
+        monkeypatch.setattr(fast, "_MEMORY_BAND_BYTES", 1 << 12)
+        calls: list[tuple[int, int]] = []
+        band_px = fast._FloatBuilder._band_px
+
+        def spy(self, n: int, widest: int) -> int:
+            calls.append((n, band_px(self, n, widest)))
+            return calls[-1][1]
+        monkeypatch.setattr(fast._FloatBuilder, "_band_px", spy)
+        banded = FastTransform(mini.enc)(x)
+    assert (2048, 256) in calls  # the half-resolution layer in bands of 256 pixels (the floor)
+    assert (banded - whole).abs().max() <= 1e-5 * whole.abs().max()
+
+
 def _symbols(model, x, rate, engine):
     return evc.reconstruct(model, x, rate, engine=engine)["y_hat"]
 
