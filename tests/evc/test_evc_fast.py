@@ -95,13 +95,22 @@ def test_fast_transform_matches_eager(mini, name):
 
 
 def test_memory_bands_at_any_thread_count(mini, monkeypatch):
-    """Above _MEMORY_BAND_LIMIT the per-pixel tail + FFN run in bands whatever the thread count (large images);
-    the result is the unbanded one up to float32 noise."""
+    """Above _MEMORY_BAND_LIMIT the per-pixel tail + FFN, and the upsampling blocks' GEMM + pixel shuffle, run in
+    bands whatever the thread count (large images); the result is the unbanded one up to float32 noise."""
     import evc.fast as fast
 
     x = torch.rand(1, 3, 64, 128, generator=torch.Generator().manual_seed(3))
+    y = torch.randn(2, mini.N, 3, 5, generator=torch.Generator().manual_seed(4))  # batch 2, odd sizes
     with torch.no_grad():
         whole = FastTransform(mini.enc)(x)
+        whole_dec = FastTransform(mini.dec)(y)
+        shuffled: list[int] = []
+        real = fast._shuffled_banded
+
+        def spy_shuffle(*args):
+            shuffled.append(args[-1])  # band_h
+            return real(*args)
+        monkeypatch.setattr(fast, "_shuffled_banded", spy_shuffle)
         monkeypatch.setattr(fast, "_MEMORY_BAND_LIMIT", 1 << 12)
         monkeypatch.setattr(fast, "_MEMORY_BAND_BYTES", 1 << 12)
         calls: list[tuple[int, int]] = []
@@ -112,8 +121,11 @@ def test_memory_bands_at_any_thread_count(mini, monkeypatch):
             return calls[-1][1]
         monkeypatch.setattr(fast._FloatBuilder, "_band_px", spy)
         banded = FastTransform(mini.enc)(x)
+        banded_dec = FastTransform(mini.dec)(y)
     assert (2048, 256) in calls  # the half-resolution layer in bands of 256 pixels (the floor)
     assert (banded - whole).abs().max() <= 1e-5 * whole.abs().max()
+    assert shuffled and min(shuffled) == 1  # the upsampling blocks: bands of one input row
+    assert (banded_dec - whole_dec).abs().max() <= 1e-5 * whole_dec.abs().max()
 
 
 def _symbols(model, x, rate, engine):
