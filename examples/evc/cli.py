@@ -106,8 +106,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "from a few images of one size on, e.g. in eval)")
     p.add_argument("--low-memory", action="store_true",
                    help="let the C heap return freed memory instead of keeping it for reuse: lower peak memory "
-                        "(EVC_LL at 1920x1080: encode 3.5 instead of 5.1-5.9 GB; encode and decode in one process, "
-                        "as in eval, 6.5 instead of 7.9 GB), slower on the CPU (docs/performance.md 3.7)")
+                        "(EVC_LL at 1920x1080: encode 3.5 instead of 4.7-5.1 GB, decode 4.2 instead of 5.2 GB), "
+                        "slower on the CPU (that decode: 42-51 instead of 31-34 s; docs/performance.md 3.7)")
 
 
 def _add_rate_args(p: argparse.ArgumentParser) -> None:

@@ -558,8 +558,8 @@ def tune_allocator(keep_freed: bool = True) -> bool:
     * ``keep_freed``: keep freed memory in the process heap (glibc: no ``mmap`` for large blocks, no trimming), so
       the activation tensors of consecutive layers reuse pages that are already mapped instead of page-faulting
       fresh ones. Faster (EVC_SS 768x512 forward 634-662 vs 673-835 ms in alternating processes), but the heap
-      fragments and keeps its high-water mark: EVC_LL at 1920x1088, ``evc encode`` peaks at 5.1-5.9 GB instead of
-      3.5 GB, and a process that encodes and decodes at 7.9 GB instead of 6.5 GB (docs/performance.md §3.7).
+      fragments and keeps its high-water mark: EVC_LL at 1920x1088, ``evc encode`` peaks at 4.7-5.1 GB instead of
+      3.5 GB and ``evc decode`` at 5.2 instead of 4.2 GB (docs/performance.md §3.7).
       ``keep_freed=False`` (the CLI's ``--low-memory``) leaves glibc's defaults.
     * Ask PyTorch to back large CPU tensors with transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``, unless the
       variable is set already; PyTorch reads it at its first CPU allocation, so this part only takes effect when no
