@@ -17,7 +17,7 @@ LOG="$OUT/log.txt"
 if [[ "${SMALL:-0}" == 1 ]]; then ROWS=("mini_EVC_SS 64x64 1"); else
     RS=${RUNS_SMALL:-5}; RL=${RUNS_LARGE:-3}
     # "split": both engines in one process would need more than 24 GB (the OOM killer stopped it), so the row is
-    # two runs: the forward with both paths, then every stage on the fast path alone (peak 10 GB)
+    # two runs: the forward with both paths, then every stage on the fast path alone (docs/performance.md §3.1, §3.7)
     ROWS=("EVC_SS 768x512 $RS" "EVC_MM 768x512 $RS" "EVC_LL 768x512 $RS"
           "EVC_SS 1920x1080 $RL" "EVC_MM 1920x1080 $RL" "EVC_LL 1920x1080 $RL split")
 fi
