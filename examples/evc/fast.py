@@ -120,11 +120,17 @@ def _ps_rows(r: int, c_out: int) -> torch.Tensor:
     return torch.arange(c_out * r * r).view(c_out, r * r).t().reshape(-1)
 
 
+def _shuffled_view(x: torch.Tensor, r: int) -> torch.Tensor:
+    """(B, H, W, r*r*C) with channels in (i, j, c) order (see :func:`_ps_rows`) as the (B, H, r, W, r, C) view whose
+    contiguous copy is the pixel-shuffled (B, H*r, W*r, C) tensor."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h, w, r, r, c // (r * r)).permute(0, 1, 3, 2, 4, 5)
+
+
 def _pixel_shuffle_nhwc(x: torch.Tensor, r: int) -> torch.Tensor:
     """NHWC pixel shuffle of a tensor whose channels are in (i, j, c) order (see :func:`_ps_rows`)."""
     b, h, w, c = x.shape
-    co = c // (r * r)
-    return x.view(b, h, w, r, r, co).permute(0, 1, 3, 2, 4, 5).reshape(b, h * r, w * r, co)
+    return _shuffled_view(x, r).reshape(b, h * r, w * r, c // (r * r))
 
 
 class _DepthConvParts(NamedTuple):
@@ -704,11 +710,10 @@ def _shuffled_banded(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
     for i in range(b):
         for h0 in range(0, h, band_h):
             h1 = min(h, h0 + band_h)
-            t = fn(x[i, h0:h1]).reshape(-1, sum(parts))
+            t = fn(x[i, h0:h1]).reshape(1, h1 - h0, w, sum(parts))
             for out, part in zip(outs, torch.split(t, list(parts), dim=-1)):
-                c = out.shape[-1]  # (rows, w, i, j, c) -> (rows, i, w, j, c): the slab out[i, h0*r:h1*r]
-                out[i, h0 * r:h1 * r].view(h1 - h0, r, w, r, c).copy_(
-                    part.reshape(h1 - h0, w, r, r, c).permute(0, 2, 1, 3, 4))
+                src = _shuffled_view(part, r)
+                out[i:i + 1, h0 * r:h1 * r].view(src.shape).copy_(src)  # the slab of output rows h0*r .. h1*r-1
     return outs
 
 
