@@ -597,7 +597,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     n_engines = 1 if args.no_reference else 2
     with tqdm(total=(args.runs + args.warmup) * n_engines, desc="bench", unit="pass", leave=False) as bar:
         def progress(msg: str) -> None:
-            bar.set_postfix_str(msg)
+            bar.set_postfix_str(msg, refresh=False)
             bar.update(1)
         res = run_bench(cfg, progress)
     print(format_table(res))

@@ -375,7 +375,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "enc_entropy_time": res.times["entropy_coding"], "dec_entropy_time": out.times["entropy_coding"],
                 "num_symbols": res.num_symbols, "enc_choice": res.enc_choice,
             })
-            bar.set_postfix_str(f"{f} bpp={rows[-1]['bpp']:.3f} psnr={rows[-1]['psnr']:.2f}")
+            bar.set_postfix_str(f"{f} bpp={rows[-1]['bpp']:.3f} psnr={rows[-1]['psnr']:.2f}", refresh=False)
             bar.update(1)
     bar.close()
     for n in sorted(notes):

@@ -363,7 +363,7 @@ def run_training(cfg: Config, objective: RDObjective, out_dir: str, d: Dist, ste
                 logf.flush()  # type: ignore[union-attr]
             if bar is not None:
                 bar.set_postfix_str(f"r{rate} loss={float(stats[0]):.3f} bpp={float(stats[2]):.3f} "
-                                    f"psnr={-10 * math.log10(max(float(stats[1]), 1e-10)):.2f}")
+                                    f"psnr={-10 * math.log10(max(float(stats[1]), 1e-10)):.2f}", refresh=False)
                 bar.update(1)
             if val_images is not None and ((t_cfg.val_every and step % t_cfg.val_every == 0) or step == steps):
                 last_val = validate(codec, val_images)

@@ -137,7 +137,7 @@ def train_steps(
             after_step()
         losses.append(loss.item())
         if i % 20 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", refresh=False)
     bar.close()
     tail = losses[-50:]
     return sum(tail) / max(1, len(tail))

@@ -69,7 +69,7 @@ def run_steps(model: nn.Module, opt: torch.optim.Optimizer, stream: BatchStream,
             after_step()
         losses.append(float(loss.detach()))
         if i % 25 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-25:]) / len(losses[-25:]):.3f}")
+            bar.set_postfix(loss=f"{sum(losses[-25:]) / len(losses[-25:]):.3f}", refresh=False)
     for g, lr in zip(opt.param_groups, base):
         g["lr"] = lr
     tail = losses[-50:]

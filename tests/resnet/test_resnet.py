@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import maskdecay as md
-from resnet import config, data, methods, models, speedup, study
+from resnet import config, data, methods, models, speedup, study, training
 from resnet.__main__ import main as cli
 from resnet.report import table
 
@@ -141,3 +141,14 @@ def test_speedup_command(tmp_path: Path) -> None:
     r = json.loads((tmp_path / "s.json").read_text())
     assert r["mac_reduction"] == pytest.approx(2.0, rel=0.06)
     assert r["speedup"] > 0 and r["ratio"] == pytest.approx(r["speedup"] / r["mac_reduction"])
+
+
+def test_progress_bar_not_redrawn_by_the_loss(capfd: pytest.CaptureFixture[str]) -> None:
+    """Setting the loss postfix must not redraw the bar: tqdm's iterator publishes its step count only on its own
+    refreshes, so a redraw showed "0/60 ... loss=..." and, in a log file, one extra line per postfix."""
+    model = torch.nn.Linear(4, 10)
+    stream = iter([(torch.randn(8, 4), torch.randint(0, 10, (8,)))] * 60)
+    training.run_steps(model, torch.optim.SGD(model.parameters(), lr=0.1), stream, 60, lambda i: 1.0, desc="t")
+    frames = [f for f in capfd.readouterr().err.split("\r") if f.strip()]
+    assert frames and not any("loss=" in f for f in frames if " 0/60 " in f)
+    assert len(frames) <= 2, frames  # the bar's start and its clearing (leave=False); no redraw in between
