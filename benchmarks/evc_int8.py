@@ -23,7 +23,6 @@ Random weights (seed 0) and the bench's synthetic image unless ``--model/--image
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -36,7 +35,7 @@ from evc import build_model, load_model
 from evc.bench import synthetic_image
 from evc.fast import FastTransform, tune_allocator
 from evc.kernels import Pointwise
-from evc_kernels import _best, _interleaved, layer_shapes
+from evc_kernels import _best, _interleaved, finish, layer_shapes
 
 
 def bench_gemms(shapes: set[tuple[int, int, int]], rounds: int) -> list[dict[str, Any]]:
@@ -155,10 +154,7 @@ def main() -> None:
               f"{r['rel_err']:11.4f}")
     print(f"PSNR of dec(round(enc(x)/q)*q) to x: fp32 {t['psnr_fp32']:.2f} dB, int8 {t['psnr_int8']:.2f} dB; "
           f"int8 to fp32: {t['psnr_int8_vs_fp32']:.2f} dB")
-    res["load_after"] = os.getloadavg()[0]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    finish(res, args.json)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,14 @@ def bench_exact_synthesis(arch: str, h: int, w: int, rounds: int) -> dict:
             "banded_s": statistics.median(times["banded"]), "runs": times}
 
 
+def finish(res: dict, path: str | None) -> None:
+    """Record the load average after the run and write ``res`` to ``path`` as JSON (when given)."""
+    res["load_after"] = os.getloadavg()[0]
+    if path:
+        with open(path, "w") as f:
+            json.dump(res, f, indent=2)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", nargs="+", default=["EVC_SS", "EVC_LL"])
@@ -187,10 +195,7 @@ def main() -> None:
         res["exact_synthesis"].append(r)
         print(f"{arch:<8} {r['one_band_s'] * 1e3:23.0f} ms {r['banded_s'] * 1e3:6.0f} ms "
               f"{r['one_band_s'] / r['banded_s']:7.2f}x")
-    res["load_after"] = os.getloadavg()[0]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    finish(res, args.json)
 
 
 if __name__ == "__main__":

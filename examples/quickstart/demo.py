@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Latency: one eval forward pass, CPU, batch 64, {torch.get_num_threads()} threads, median of 25 "
           "(models timed in turns).")
     print(table)
-    print(f"\nplots: " + ", ".join(str(p) for p in plots))
+    print("\nplots: " + ", ".join(str(p) for p in plots))
     print(f"results: {out / 'results.json'}; re-plot with: maskdecay plot "
           + " ".join(str(out / r) for r in histories) + f" -o {out / 'compare.png'}")
     print(f"total time: {timings['total_s']:.0f} s")
