@@ -122,8 +122,11 @@ def main() -> None:
         import numpy as np
         from PIL import Image
 
-        model = load_model(args.model).eval()
-        x = torch.from_numpy(np.asarray(Image.open(args.image).convert("RGB"), dtype=np.float32) / 255)
+        try:
+            model = load_model(args.model).eval()
+            x = torch.from_numpy(np.asarray(Image.open(args.image).convert("RGB"), dtype=np.float32) / 255)
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"cannot load --model/--image: {e}")
         x = x.permute(2, 0, 1).unsqueeze(0).contiguous()
         if x.shape[-1] % 64 or x.shape[-2] % 64:
             ap.error(f"image sides must be multiples of 64, got {tuple(x.shape[-2:])}")
