@@ -164,6 +164,17 @@ def test_cpu_name_reads_the_model_name_and_falls_back(tmp_path) -> None:
     assert fallback and md.cpu_name(str(info)) == fallback
 
 
+def test_cpu_features_lists_the_vector_extensions_in_a_fixed_order(tmp_path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx512_bf16 avx2 fma avx512f "
+                    "avx512_vnni avx512vl\nprocessor\t: 1\nflags\t\t: avx2\n")
+    assert md.cpu_features(str(info)) == ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")  # arm64
+    assert md.cpu_features(str(info)) == ["asimd", "sve", "bf16", "i8mm"]
+    info.write_text("processor\t: 0\n")
+    assert md.cpu_features(str(info)) == [] and md.cpu_features(str(tmp_path / "missing")) == []
+
+
 def test_peak_rss_mb_reads_vmhwm_and_says_none_when_unknown(tmp_path) -> None:
     status = tmp_path / "status"
     status.write_text("Name:\tpython\nVmPeak:\t 9000000 kB\nVmHWM:\t  2097152 kB\nVmRSS:\t 1048576 kB\n")

@@ -296,7 +296,7 @@ def run_bench(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -
                    "threads": torch.get_num_threads(),
                    "runs": cfg.runs, "warmup": cfg.warmup, "rate_index": cfg.rate_index,
                    "image": cfg.image or "synthetic", "stages": list(cfg.stages), **cfg.extra},
-        "machine": {"cpu": md.cpu_name(), "cpu_count": os.cpu_count(),
+        "machine": {"cpu": md.cpu_name(), "cpu_features": md.cpu_features(), "cpu_count": os.cpu_count(),
                     "torch": torch.__version__, "loadavg_before": [round(v, 2) for v in load_before],
                     "loadavg_after": [round(v, 2) for v in load_after],
                     "sgemm_gflops_before": probe_before and round(probe_before, 1),
@@ -397,6 +397,12 @@ def _md_cell(res: dict[str, Any], key: str) -> str:
     return f"{r['reference'][key]['median_s'] * 1000:,.0f} → {fast:,.0f} ({res['speedup'][key]:.2f}×)"
 
 
+def _cpu_label(machine: dict[str, Any]) -> str:
+    """The CPU's name with its vector extensions (JSON files from before they were recorded: the name alone)."""
+    feats = machine.get("cpu_features")
+    return f"{machine['cpu']} [{' '.join(feats)}]" if feats else machine["cpu"]
+
+
 def markdown_table(results: list[dict[str, Any]]) -> str:
     """One markdown row per :func:`run_bench` result (the tables of docs/performance.md): ``ref → fast`` medians in
     ms with the speed-up, the fast path's FPS, the machine's state, and whether the two streams were identical."""
@@ -416,7 +422,7 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
             same = "yes"
         else:
             same = f"no ({res['latents_differing']:,} of {res['latents_total']:,} latents)"
-        device = m.get("gpu") or m.get("cpu") or c["device"]
+        device = m.get("gpu") or (_cpu_label(m) if m.get("cpu") else c["device"])
         path = c["dtype"] + (" + CUDA graphs" if c["cuda_graphs"] else "") + (" + compile" if c["compile"] else "")
         row = ([c["arch"], c["padded"], f"{device} ({path})", str(c["threads"]), str(c["runs"]),
                 f"{m['loadavg_before'][0]:.1f} → {m['loadavg_after'][0]:.1f}", probe]
@@ -478,7 +484,7 @@ def format_table(res: dict[str, Any]) -> str:
              + ("" if c.get("kernels", True) else " no-kernels")
              + f"; random weights; median (p90) of {c['runs']} runs after {c['warmup']} warm-up",
              f"load average before {m['loadavg_before'][0]:.2f}, after {m['loadavg_after'][0]:.2f} "
-             f"({m['cpu']}, {m['cpu_count']} CPUs)"
+             f"({_cpu_label(m)}, {m['cpu_count']} CPUs)"
              + (f"; sgemm 1024^2 before {m['sgemm_gflops_before']:.0f}, after {m['sgemm_gflops_after']:.0f} GFLOP/s"
                 if m.get("sgemm_gflops_before") else "")
              + (f"; {m['anon_huge_pages_mb']:.0f} MB on huge pages" if m.get("anon_huge_pages_mb") is not None

@@ -1,12 +1,14 @@
 """CPU kernels of the fused float transforms (:mod:`evc.fast`): 1x1 and KxK convolutions with a fused activation,
 and Winograd convolutions for wide 3x3 layers. Activations are NHWC tensors.
 
-Each kernel picks its backend per call from the shape, by rules measured on the project's 2-core AMD EPYC (Zen 3,
-AVX2) with torch 2.13 (docs/performance.md §3.5):
+Each kernel picks its backend per call from the shape, by rules measured on the project's 2-core AMD EPYC hosts
+with torch 2.13: a Zen 3 with AVX2 (docs/performance.md §3.5) and a Zen 4 with AVX-512 and BF16 (§3.8):
 
-* 1x1 convolutions with many pixels and a wide side (the FFN expansions at high resolution) go to oneDNN's 1x1
-  convolution with the bias and the activation fused into its epilogue; the others stay one MKL ``addmm``
-  (faster for the narrow and the low-resolution layers, e.g. everything at 1/16 resolution);
+* 1x1 convolutions go to oneDNN's 1x1 convolution with the bias and the activation fused into its epilogue, on an
+  AVX2 CPU only those with many pixels and a wide side (the FFN expansions at high resolution): there the others stay
+  one MKL ``addmm``, faster for the narrow and the low-resolution layers (e.g. everything at 1/16 resolution). On an
+  AVX-512 CPU (oneDNN's AVX-512 kernels against MKL's AVX2 code, which MKL runs on AMD CPUs) and in bfloat16,
+  oneDNN at every size;
 * dense 3x3 stride-1 convolutions with >= 128 input and output channels (:class:`Wide3x3`) use Winograd: below
   :data:`NNPACK_MIN_PX` output pixels our F(4x4, 3x3), 4x fewer multiplies in one batched GEMM with the transforms as
   two small GEMMs (1.0-1.1x faster than oneDNN's direct convolution at 128 channels, 1.3-1.5x at 192; slower at 64,
@@ -16,18 +18,22 @@ AVX2) with torch 2.13 (docs/performance.md §3.5):
   convolution at 192 channels and 256x384 pixels, 1.7x at 544x960;
 * every other convolution is oneDNN's, again with the activation fused.
 
-Anywhere else (CUDA, reduced precision, a torch build without oneDNN) the kernels fall back to plain ATen calls with
-the same results up to float rounding. Winograd's rounding error is larger than a direct convolution's (relative
+bfloat16 takes the oneDNN kernels (no Winograd) where the CPU computes it natively (AVX512_BF16 or AMX, see
+:func:`native_bf16`). Anywhere else (CUDA, float16, bfloat16 without native support, a torch build without oneDNN)
+the kernels fall back to plain ATen calls with the same results up to float rounding. Winograd's rounding error is larger than a direct convolution's (relative
 error ~1e-5 instead of ~1e-6): only the float transforms use it, never the exact entropy-parameter networks.
 """
 from __future__ import annotations
 
+import functools
 from typing import Union
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Act", "onednn_ok", "nnpack_ok", "apply_act_", "Pointwise", "ConvKxK", "Winograd3x3", "NNPACK3x3",
+import maskdecay as md
+
+__all__ = ["Act", "onednn_ok", "nnpack_ok", "native_bf16", "native_fp16", "apply_act_", "Pointwise", "ConvKxK", "Winograd3x3", "NNPACK3x3",
            "Wide3x3", "use_winograd", "nhwc_to_nchw", "nchw_to_nhwc"]
 
 #: an activation: None (identity), "relu", or the negative slope of a LeakyReLU
@@ -38,6 +44,11 @@ Act = Union[None, str, float]
 _ONEDNN_MIN_PX = 16384
 _ONEDNN_ALWAYS = 65536
 _ONEDNN_WIDE = 256
+#: oneDNN for 1x1 layers of any size (float32), on CPUs with AVX-512. Measured on the Zen 4 host (2 threads,
+#: networks-only forward at 768x512, 7 interleaved pairs, oneDNN faster in all 7): EVC_SS 457 -> 445 ms, EVC_LL
+#: 1,774 -> 1,750 ms; per layer at 1,536 pixels (1/16 resolution) 256->1024 4.42 -> 3.92 ms. On the Zen 3 host (AVX2)
+#: MKL's addmm won below the thresholds above. Read at call time (tests switch it).
+_ONEDNN_ANY_SIZE = "avx512f" in md.cpu_features()
 #: Winograd for dense 3x3 stride-1 convolutions with at least this many input and output channels
 WINOGRAD_MIN_CHANNELS = 128
 #: from this many output pixels on, wide 3x3 convolutions go to NNPACK (where available; oneDNN's direct convolution
@@ -47,10 +58,26 @@ WINOGRAD_MIN_CHANNELS = 128
 NNPACK_MIN_PX = 16384
 
 
+@functools.lru_cache(maxsize=None)
+def native_bf16() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512_BF16 or AMX-BF16, read from /proc/cpuinfo by
+    :func:`maskdecay.cpu_features`). Without them oneDNN and ATen emulate bfloat16, slower than float32."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(md.cpu_features()))
+
+
+@functools.lru_cache(maxsize=None)
+def native_fp16() -> bool:
+    """Whether this CPU has float16 arithmetic instructions (AVX512_FP16 or AMX-FP16). Without them float16 on the
+    CPU is emulated: the EVC_SS forward at 768x512 took 4.45 s in float16 against 0.57 s in float32 on the Zen 4
+    host (AVX512_BF16, no AVX512_FP16)."""
+    return bool({"avx512_fp16", "amx_fp16"} & set(md.cpu_features()))
+
+
 def onednn_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the fused oneDNN convolution op can run here (CPU, float32, torch built with oneDNN)."""
-    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+    """Whether the fused oneDNN convolution op can run here: CPU, torch built with oneDNN, float32 or bfloat16 on a
+    CPU with native bfloat16 (:func:`native_bf16`)."""
+    return (device.type == "cpu" and (dtype == torch.float32 or (dtype == torch.bfloat16 and native_bf16()))
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
 
 
 def nnpack_ok(device: torch.device, dtype: torch.dtype) -> bool:
@@ -129,8 +156,12 @@ class Pointwise:
 
     def uses_onednn(self, pixels: int) -> bool:
         """Whether a call on ``pixels`` rows takes the oneDNN path."""
+        if self.w4 is None:
+            return False
+        if _ONEDNN_ANY_SIZE or self.w.dtype == torch.bfloat16:
+            return True
         wide = max(self.in_channels, self.out_channels) >= _ONEDNN_WIDE
-        return self.w4 is not None and pixels >= _ONEDNN_MIN_PX and (wide or pixels >= _ONEDNN_ALWAYS)
+        return pixels >= _ONEDNN_MIN_PX and (wide or pixels >= _ONEDNN_ALWAYS)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

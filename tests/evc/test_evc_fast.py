@@ -4,6 +4,7 @@ reduced precision stays decodable; GPU variants run only where CUDA exists."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -175,6 +176,20 @@ def test_reduced_precision_stays_decodable(mini):
     assert psnr(xbf, x32) > 35.0  # bf16 has 8 mantissa bits; the difference is far below coding noise
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_on_a_cpu_without_it_warns(monkeypatch, caplog, mini, dtype):
+    """An emulated fp16/bf16 is slower than float32 on the CPU: the engine says so (and only then)."""
+    import evc.fast as fast
+
+    for native in (True, False):
+        monkeypatch.setattr(fast, "native_bf16", lambda: native)
+        monkeypatch.setattr(fast, "native_fp16", lambda: native)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="evc.fast"):
+            FastEngine(mini, dtype=dtype)
+        assert ("emulated" in caplog.text) == (not native)
+
+
 def test_engine_rejects_changed_weights(mini):
     m = evc.build_model("mini_EVC_SS").eval()
     eng = FastEngine(m)
@@ -241,7 +256,8 @@ def test_bench_fast_cli(tmp_path, capsys):
         assert d["results"]["fast"][k]["median_s"] > 0 and k in d["speedup"]
     assert d["streams_identical"] and d["cross_decode_identical"]
     assert len(d["machine"]["loadavg_before"]) == 3
-    assert d["machine"]["cpu"] and f"({d['machine']['cpu']}, " in out
+    feats = d["machine"]["cpu_features"]
+    assert d["machine"]["cpu"] and f"({d['machine']['cpu']}{' [' + ' '.join(feats) + ']' if feats else ''}, " in out
     assert d["machine"]["sgemm_gflops_before"] > 0 and d["machine"]["sgemm_gflops_after"] > 0
     assert "sgemm 1024^2 before" in out and "anon_huge_pages_mb" in d["machine"]
     assert d["config"]["kernels"] is True and d["config"]["impl"] == "fused"

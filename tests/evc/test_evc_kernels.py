@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import evc
+import maskdecay as md
 from evc import kernels
 from evc.fast import FastTransform
 from evc.kernels import (ConvKxK, NNPACK3x3, Pointwise, Wide3x3, Winograd3x3, nchw_to_nhwc, nhwc_to_nchw, nnpack_ok,
@@ -18,6 +19,8 @@ from evc.kernels import (ConvKxK, NNPACK3x3, Pointwise, Wide3x3, Winograd3x3, nc
 
 CPU32 = (torch.device("cpu"), torch.float32)
 NEEDS_ONEDNN = pytest.mark.skipif(not onednn_ok(*CPU32), reason="torch built without oneDNN: fallback only")
+NEEDS_BF16 = pytest.mark.skipif(not onednn_ok(torch.device("cpu"), torch.bfloat16),
+                                reason="oneDNN's bf16 kernels need a CPU with native bf16 (AVX512_BF16 or AMX)")
 NEEDS_NNPACK = pytest.mark.skipif(not nnpack_ok(*CPU32), reason="NNPACK not available in this torch build / CPU")
 
 
@@ -101,14 +104,48 @@ def test_pointwise_paths(monkeypatch, onednn, act):
     assert _rel(p(xs), _act_ref(F.linear(xs, w, b), act)) < 1e-5
 
 
-def test_pointwise_routing_rule():
-    """oneDNN for many pixels with a wide side, or very many pixels; addmm otherwise (and always without oneDNN)."""
+def test_pointwise_routing_rule(monkeypatch):
+    """AVX2 CPUs: oneDNN for many pixels with a wide side, or very many pixels; addmm otherwise. AVX-512 CPUs and
+    bfloat16: oneDNN at every size. Never without oneDNN."""
     narrow = Pointwise(torch.zeros(64, 64), torch.zeros(64), onednn=True)
     wide = Pointwise(torch.zeros(256, 64), torch.zeros(256), onednn=True)
+    monkeypatch.setattr(kernels, "_ONEDNN_ANY_SIZE", False)
     assert not narrow.uses_onednn(1536) and not wide.uses_onednn(1536)
     assert wide.uses_onednn(kernels._ONEDNN_MIN_PX) and not narrow.uses_onednn(kernels._ONEDNN_MIN_PX)
     assert narrow.uses_onednn(kernels._ONEDNN_ALWAYS)
+    assert Pointwise(torch.zeros(64, 64, dtype=torch.bfloat16), torch.zeros(64), onednn=True).uses_onednn(1)
+    monkeypatch.setattr(kernels, "_ONEDNN_ANY_SIZE", True)
+    assert narrow.uses_onednn(1) and wide.uses_onednn(1536)
     assert not Pointwise(torch.zeros(256, 64), torch.zeros(256), onednn=False).uses_onednn(10 ** 6)
+
+
+def test_onednn_takes_bfloat16_only_where_the_cpu_has_it(monkeypatch):
+    """oneDNN's bf16 kernels need native bf16; float16 always falls back to ATen; the native checks read cpuinfo."""
+    feats = set(md.cpu_features())
+    assert kernels.native_bf16.__wrapped__() == bool(feats & {"avx512_bf16", "amx_bf16"})
+    assert kernels.native_fp16.__wrapped__() == bool(feats & {"avx512_fp16", "amx_fp16"})
+    cpu = torch.device("cpu")
+    assert not onednn_ok(cpu, torch.float16) and not onednn_ok(torch.device("meta"), torch.float32)
+    monkeypatch.setattr(kernels, "native_bf16", lambda: False)
+    assert not onednn_ok(cpu, torch.bfloat16)
+    monkeypatch.setattr(kernels, "native_bf16", lambda: True)
+    assert onednn_ok(cpu, torch.bfloat16) == onednn_ok(*CPU32)
+
+
+@NEEDS_BF16
+def test_bf16_onednn_kernels_match_conv2d():
+    """The oneDNN routes in bfloat16 (1x1 and KxK, fused activation) against float32 F.conv2d: bf16 tolerance."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 9, 11, 32, generator=g)
+    w, b = torch.randn(48, 32, generator=g) / 6, torch.randn(48, generator=g)
+    p = Pointwise(w.bfloat16(), b.bfloat16(), 0.1, onednn=True)
+    assert p.uses_onednn(99)
+    out = p(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and _rel(out.float(), F.leaky_relu(F.linear(x, w, b), 0.1)) < 2e-2
+    w3 = torch.randn(16, 32, 3, 3, generator=g) / 17
+    out = ConvKxK(w3.bfloat16(), b[:16].bfloat16(), (1, 1), (1, 1), 1, 0.01, onednn=True)(x.bfloat16())
+    ref = F.leaky_relu(F.conv2d(x.permute(0, 3, 1, 2), w3, b[:16], 1, 1), 0.01).permute(0, 2, 3, 1)
+    assert out.dtype == torch.bfloat16 and _rel(out.float(), ref) < 2e-2
 
 
 @pytest.mark.parametrize("onednn", [False, pytest.param(True, marks=NEEDS_ONEDNN)])
