@@ -7,8 +7,8 @@ with torch 2.13: a Zen 3 with AVX2 (docs/performance.md §3.5) and a Zen 4 with 
 * 1x1 convolutions go to oneDNN's 1x1 convolution with the bias and the activation fused into its epilogue, on an
   AVX2 CPU only those with many pixels and a wide side (the FFN expansions at high resolution): there the others stay
   one MKL ``addmm``, faster for the narrow and the low-resolution layers (e.g. everything at 1/16 resolution). On an
-  AVX-512 CPU (oneDNN's AVX-512 kernels against MKL's AVX2 code, which MKL runs on AMD CPUs) and in bfloat16,
-  oneDNN at every size;
+  AVX-512 CPU (measured on the Zen 4 host only: AVX-512 is the feature that tells the two hosts apart, not an
+  established cause) and in bfloat16, oneDNN at every size;
 * dense 3x3 stride-1 convolutions with >= 128 input and output channels (:class:`Wide3x3`) use Winograd: below
   :data:`NNPACK_MIN_PX` output pixels our F(4x4, 3x3), 4x fewer multiplies in one batched GEMM with the transforms as
   two small GEMMs (1.0-1.1x faster than oneDNN's direct convolution at 128 channels, 1.3-1.5x at 192; slower at 64,
