@@ -25,12 +25,12 @@ import os
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from .config import Config, load_config
 from .models import ARCHS, EVC, WIDTHS, build_model, load_model, save_model
-from .train import Dist, Hooks, RDObjective, _param_groups, add_common_args, run_training, setup_distributed
+from .train import (Dist, Hooks, RDObjective, _param_groups, add_common_args, close_distributed, run_training,
+                    setup_distributed)
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +189,7 @@ def finish_command(done_message: str | None, out: str) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(done_message if done_message is not None
               else f"stopped before the end; resume with --resume (outputs in {out})")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    close_distributed()
     return 0
 
 
