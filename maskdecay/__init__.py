@@ -43,6 +43,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ChannelMasks", "Group", "Member", "Plan", "plan", "group_importance", "MaskDecay", "Regularizer", "SparsityLoss",
     "L1", "L2", "BNScaleL1", "GroupLasso", "Hard", "export", "save_pruned", "load_pruned", "atomic_save", "profile",
-    "Report", "cpu_name", "cpu_features", "peak_rss_mb", "count_macs", "plots", "schedules", "ConfigError", "load_config", "config_from_dict",
-    "apply_overrides",
+    "Report", "cpu_name", "cpu_features", "peak_rss_mb", "count_macs", "plots", "schedules", "ConfigError",
+    "load_config", "config_from_dict", "apply_overrides",
 ]

@@ -100,8 +100,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="plain path (eager float32 modules, evc.exact twins) instead of the fast path (same entropy "
                         "parameters; see docs/performance.md)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="fast path: precision of the float transforms (entropy parameters stay exact): fp16/bf16 on GPUs, "
-                        "bf16 also on CPUs with AVX512_BF16 or AMX (elsewhere emulated and slower; a warning says "
+                   help="fast path: precision of the float transforms (entropy parameters stay exact): fp16/bf16 on "
+                        "GPUs, bf16 also on CPUs with AVX512_BF16 or AMX (elsewhere emulated and slower; a warning says "
                         "so)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="fast path on CUDA: capture every network once per image size and replay it (pays off "

@@ -20,8 +20,9 @@ with torch 2.13: a Zen 3 with AVX2 (docs/performance.md §3.5) and a Zen 4 with 
 
 bfloat16 takes the oneDNN kernels (no Winograd) where the CPU computes it natively (AVX512_BF16 or AMX, see
 :func:`native_bf16`). Anywhere else (CUDA, float16, bfloat16 without native support, a torch build without oneDNN)
-the kernels fall back to plain ATen calls with the same results up to float rounding. Winograd's rounding error is larger than a direct convolution's (relative
-error ~1e-5 instead of ~1e-6): only the float transforms use it, never the exact entropy-parameter networks.
+the kernels fall back to plain ATen calls with the same results up to float rounding. Winograd's rounding error is
+larger than a direct convolution's (relative error ~1e-5 instead of ~1e-6): only the float transforms use it, never
+the exact entropy-parameter networks.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ import torch.nn.functional as F
 
 import maskdecay as md
 
-__all__ = ["Act", "onednn_ok", "nnpack_ok", "native_bf16", "native_fp16", "apply_act_", "Pointwise", "ConvKxK", "Winograd3x3", "NNPACK3x3",
-           "Wide3x3", "use_winograd", "nhwc_to_nchw", "nchw_to_nhwc"]
+__all__ = ["Act", "onednn_ok", "nnpack_ok", "native_bf16", "native_fp16", "apply_act_", "Pointwise", "ConvKxK",
+           "Winograd3x3", "NNPACK3x3", "Wide3x3", "use_winograd", "nhwc_to_nchw", "nchw_to_nhwc"]
 
 #: an activation: None (identity), "relu", or the negative slope of a LeakyReLU
 Act = Union[None, str, float]

@@ -33,8 +33,8 @@ from .models import EVC, build_model, save_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RDObjective", "Hooks", "Dist", "setup_distributed", "close_distributed", "run_training", "validate", "train",
-           "add_common_args", "main"]
+__all__ = ["RDObjective", "Hooks", "Dist", "setup_distributed", "close_distributed", "run_training", "validate",
+           "train", "add_common_args", "main"]
 
 #: checkpoint format version (bumped when the layout changes)
 CKPT_FORMAT = 1
