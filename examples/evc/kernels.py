@@ -8,7 +8,7 @@ with torch 2.13: a Zen 3 with AVX2 (docs/performance.md §3.5) and a Zen 4 with 
   AVX2 CPU only those with many pixels and a wide side (the FFN expansions at high resolution): there the others stay
   one MKL ``addmm``, faster for the narrow and the low-resolution layers (e.g. everything at 1/16 resolution). On an
   AVX-512 CPU (measured on the Zen 4 host only: AVX-512 is the feature that tells the two hosts apart, not an
-  established cause) and in bfloat16, oneDNN at every size;
+  established cause) oneDNN from 1,024 pixels on, and in bfloat16 at every size;
 * dense 3x3 stride-1 convolutions with >= 128 input and output channels (:class:`Wide3x3`) use Winograd: below
   :data:`NNPACK_MIN_PX` output pixels our F(4x4, 3x3), 4x fewer multiplies in one batched GEMM with the transforms as
   two small GEMMs (1.0-1.1x faster than oneDNN's direct convolution at 128 channels, 1.3-1.5x at 192; slower at 64,
@@ -45,11 +45,13 @@ Act = Union[None, str, float]
 _ONEDNN_MIN_PX = 16384
 _ONEDNN_ALWAYS = 65536
 _ONEDNN_WIDE = 256
-#: oneDNN for 1x1 layers of any size (float32), on CPUs with AVX-512. Measured on the Zen 4 host (2 threads,
-#: networks-only forward at 768x512, 7 interleaved pairs, oneDNN faster in all 7): EVC_SS 457 -> 445 ms, EVC_LL
-#: 1,774 -> 1,750 ms; per layer at 1,536 pixels (1/16 resolution) 256->1024 4.42 -> 3.92 ms. On the Zen 3 host (AVX2)
-#: MKL's addmm won below the thresholds above. Read at call time (tests switch it).
+#: on CPUs with AVX-512, oneDNN for every 1x1 layer (float32) from _ONEDNN_MIN_PX_AVX512 pixels on. Measured on the
+#: Zen 4 host (2 threads, networks-only forward at 768x512, 7 interleaved pairs, oneDNN faster in all 7): EVC_SS
+#: 457 -> 445 ms, EVC_LL 1,774 -> 1,750 ms; per layer at 1,536 pixels (1/16 resolution) 256->1024 4.42 -> 3.92 ms,
+#: but 0.60-0.95x addmm's speed for the hyper networks' layers at 96 and 384 pixels (0.1-0.7 ms each). On the Zen 3
+#: host (AVX2) MKL's addmm won below the thresholds above. Read at call time (tests switch it).
 _ONEDNN_ANY_SIZE = "avx512f" in md.cpu_features()
+_ONEDNN_MIN_PX_AVX512 = 1024
 #: Winograd for dense 3x3 stride-1 convolutions with at least this many input and output channels
 WINOGRAD_MIN_CHANNELS = 128
 #: from this many output pixels on, wide 3x3 convolutions go to NNPACK (where available; oneDNN's direct convolution
@@ -159,8 +161,10 @@ class Pointwise:
         """Whether a call on ``pixels`` rows takes the oneDNN path."""
         if self.w4 is None:
             return False
-        if _ONEDNN_ANY_SIZE or self.w.dtype == torch.bfloat16:
+        if self.w.dtype == torch.bfloat16:
             return True
+        if _ONEDNN_ANY_SIZE:
+            return pixels >= _ONEDNN_MIN_PX_AVX512
         wide = max(self.in_channels, self.out_channels) >= _ONEDNN_WIDE
         return pixels >= _ONEDNN_MIN_PX and (wide or pixels >= _ONEDNN_ALWAYS)
 

@@ -91,6 +91,7 @@ def test_pointwise_paths(monkeypatch, onednn, act):
     """Both routes of a 1x1 layer (oneDNN forced on by lowering the thresholds, and addmm) equal F.linear."""
     monkeypatch.setattr(kernels, "_ONEDNN_MIN_PX", 0)
     monkeypatch.setattr(kernels, "_ONEDNN_ALWAYS", 0)
+    monkeypatch.setattr(kernels, "_ONEDNN_MIN_PX_AVX512", 0)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 7, 16, generator=g)
     w, b = torch.randn(24, 16, generator=g), torch.randn(24, generator=g)
@@ -105,8 +106,8 @@ def test_pointwise_paths(monkeypatch, onednn, act):
 
 
 def test_pointwise_routing_rule(monkeypatch):
-    """AVX2 CPUs: oneDNN for many pixels with a wide side, or very many pixels; addmm otherwise. AVX-512 CPUs and
-    bfloat16: oneDNN at every size. Never without oneDNN."""
+    """AVX2 CPUs: oneDNN for many pixels with a wide side, or very many pixels; addmm otherwise. AVX-512 CPUs: oneDNN
+    from 1,024 pixels on; bfloat16: at every size. Never without oneDNN."""
     narrow = Pointwise(torch.zeros(64, 64), torch.zeros(64), onednn=True)
     wide = Pointwise(torch.zeros(256, 64), torch.zeros(256), onednn=True)
     monkeypatch.setattr(kernels, "_ONEDNN_ANY_SIZE", False)
@@ -115,7 +116,7 @@ def test_pointwise_routing_rule(monkeypatch):
     assert narrow.uses_onednn(kernels._ONEDNN_ALWAYS)
     assert Pointwise(torch.zeros(64, 64, dtype=torch.bfloat16), torch.zeros(64), onednn=True).uses_onednn(1)
     monkeypatch.setattr(kernels, "_ONEDNN_ANY_SIZE", True)
-    assert narrow.uses_onednn(1) and wide.uses_onednn(1536)
+    assert narrow.uses_onednn(1536) and wide.uses_onednn(1024) and not wide.uses_onednn(384)
     assert not Pointwise(torch.zeros(256, 64), torch.zeros(256), onednn=False).uses_onednn(10 ** 6)
 
 
@@ -184,6 +185,7 @@ def test_fast_transform_with_every_kernel(monkeypatch, name, route):
     monkeypatch.setattr(kernels, "NNPACK_MIN_PX", 0 if route is NNPACK3x3 else 1 << 40)
     monkeypatch.setattr(kernels, "_ONEDNN_MIN_PX", 0)
     monkeypatch.setattr(kernels, "_ONEDNN_ALWAYS", 0)
+    monkeypatch.setattr(kernels, "_ONEDNN_MIN_PX_AVX512", 0)
     calls = []
     route_call = route.__call__
     monkeypatch.setattr(route, "__call__", lambda self, x: calls.append(x.shape) or route_call(self, x))
