@@ -55,6 +55,17 @@ def test_fast_exact_twin_is_bit_identical(mini, name, cin_mult, down):
     assert torch.equal(FastExactNet(mod, band_bytes=2048)(x), ref)  # banded evaluation (tiny bands)
 
 
+def test_exact_gemm_weights_are_column_major():
+    """The exact GEMMs take B as the transpose of a contiguous (out, in) matrix, the layout in which MKL's dgemm
+    measured faster (docs/performance.md §3.8); the values are the same either way (bit identity: above)."""
+    from evc.fast import _XConv3, _XLin
+
+    lin = _XLin([torch.nn.Conv2d(8, 5, 1)], torch.device("cpu"))
+    assert lin.wqt.shape == (8, 5) and lin.wqt.t().is_contiguous() and not lin.wqt.is_contiguous()
+    conv = _XConv3(torch.nn.Conv2d(8, 5, 3, padding=1), torch.device("cpu"), 1 << 20)
+    assert all(t.shape == (8, 5) and t.t().is_contiguous() and not t.is_contiguous() for t in conv.taps)
+
+
 def test_fast_exact_twin_folds_weight_scales_only_where_exact(mini):
     """The twin folds each row's power-of-two weight scale into the integer weights (one pass less per layer) only
     while that stays exact; with weights scaled into the subnormal range it keeps the scales separate, and both
