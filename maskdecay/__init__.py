@@ -20,7 +20,7 @@ Public names:
 * :func:`export` -- physical removal with optimizer-state remapping.
 * :func:`save_pruned`, :func:`load_pruned`, :func:`atomic_save` -- checkpoints without pickled modules.
 * :func:`profile`, :class:`Report`, :func:`count_macs` -- MACs, params, latency; :func:`cpu_name`,
-  :func:`cpu_features` and :func:`peak_rss_mb` for benchmark records.
+  :func:`cpu_features`, :func:`cpu_label` and :func:`peak_rss_mb` for benchmark records.
 * :mod:`maskdecay.plots` -- ``mask_trajectories`` and ``compare``.
 * :func:`load_config`, :func:`config_from_dict`, :func:`apply_overrides`, :class:`ConfigError` -- typed YAML
   configs (nested dataclasses) with one clear error per unknown or wrong key.
@@ -35,7 +35,7 @@ from .importance import group_importance
 from .macs import count_macs
 from .masks import ChannelMasks
 from .planning import Plan, plan
-from .profiling import Report, cpu_features, cpu_name, peak_rss_mb, profile
+from .profiling import Report, cpu_features, cpu_label, cpu_name, peak_rss_mb, profile
 from .regularizers import L1, L2, BNScaleL1, GroupLasso, Hard, Regularizer, SparsityLoss
 
 __version__ = "0.1.0"
@@ -43,6 +43,6 @@ __version__ = "0.1.0"
 __all__ = [
     "ChannelMasks", "Group", "Member", "Plan", "plan", "group_importance", "MaskDecay", "Regularizer", "SparsityLoss",
     "L1", "L2", "BNScaleL1", "GroupLasso", "Hard", "export", "save_pruned", "load_pruned", "atomic_save", "profile",
-    "Report", "cpu_name", "cpu_features", "peak_rss_mb", "count_macs", "plots", "schedules", "ConfigError",
+    "Report", "cpu_name", "cpu_features", "cpu_label", "peak_rss_mb", "count_macs", "plots", "schedules", "ConfigError",
     "load_config", "config_from_dict", "apply_overrides",
 ]

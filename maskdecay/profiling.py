@@ -82,6 +82,14 @@ def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     return []
 
 
+def cpu_label(name: str | None = None, features: list[str] | None = None) -> str:
+    """``"NAME [feature feature ...]"`` for benchmark records, or the name alone when no feature is known; by
+    default this machine's :func:`cpu_name` and :func:`cpu_features` (pass both to label a saved record)."""
+    name = cpu_name() if name is None else name
+    features = cpu_features() if features is None else features
+    return f"{name} [{' '.join(features)}]" if features else name
+
+
 def peak_rss_mb(status: str = "/proc/self/status") -> float | None:
     """This process's peak resident memory so far, in MB (``VmHWM`` of ``status`` on Linux); None where the file or
     the field is missing. For benchmark records: a speed-up that needs twice the memory is a different trade."""

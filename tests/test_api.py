@@ -173,6 +173,8 @@ def test_cpu_features_lists_the_vector_extensions_in_a_fixed_order(tmp_path) -> 
     assert md.cpu_features(str(info)) == ["asimd", "sve", "bf16", "i8mm"]
     info.write_text("processor\t: 0\n")
     assert md.cpu_features(str(info)) == [] and md.cpu_features(str(tmp_path / "missing")) == []
+    assert md.cpu_label("AMD EPYC", ["avx2", "fma"]) == "AMD EPYC [avx2 fma]" and md.cpu_label("X", []) == "X"
+    assert md.cpu_label() == md.cpu_label(md.cpu_name(), md.cpu_features())
 
 
 def test_peak_rss_mb_reads_vmhwm_and_says_none_when_unknown(tmp_path) -> None:

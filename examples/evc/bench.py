@@ -398,9 +398,8 @@ def _md_cell(res: dict[str, Any], key: str) -> str:
 
 
 def _cpu_label(machine: dict[str, Any]) -> str:
-    """The CPU's name with its vector extensions (JSON files from before they were recorded: the name alone)."""
-    feats = machine.get("cpu_features")
-    return f"{machine['cpu']} [{' '.join(feats)}]" if feats else machine["cpu"]
+    """The record's CPU name with its vector extensions (JSON files from before they were recorded: the name)."""
+    return md.cpu_label(machine["cpu"], machine.get("cpu_features") or [])
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:

@@ -26,7 +26,6 @@ the exact entropy-parameter networks.
 """
 from __future__ import annotations
 
-import functools
 from typing import Union
 
 import torch
@@ -36,6 +35,9 @@ import maskdecay as md
 
 __all__ = ["Act", "onednn_ok", "nnpack_ok", "native_bf16", "native_fp16", "apply_act_", "Pointwise", "ConvKxK",
            "Winograd3x3", "NNPACK3x3", "Wide3x3", "use_winograd", "nhwc_to_nchw", "nchw_to_nhwc"]
+
+#: this CPU's vector extensions (:func:`maskdecay.cpu_features`), read once at import
+_CPU_FEATURES = frozenset(md.cpu_features())
 
 #: an activation: None (identity), "relu", or the negative slope of a LeakyReLU
 Act = Union[None, str, float]
@@ -50,7 +52,7 @@ _ONEDNN_WIDE = 256
 #: 457 -> 445 ms, EVC_LL 1,774 -> 1,750 ms; per layer at 1,536 pixels (1/16 resolution) 256->1024 4.42 -> 3.92 ms,
 #: but 0.60-0.95x addmm's speed for the hyper networks' layers at 96 and 384 pixels (0.1-0.7 ms each). On the Zen 3
 #: host (AVX2) MKL's addmm won below the thresholds above. Read at call time (tests switch it).
-_ONEDNN_ANY_SIZE = "avx512f" in md.cpu_features()
+_ONEDNN_ANY_SIZE = "avx512f" in _CPU_FEATURES
 _ONEDNN_MIN_PX_AVX512 = 1024
 #: Winograd for dense 3x3 stride-1 convolutions with at least this many input and output channels
 WINOGRAD_MIN_CHANNELS = 128
@@ -61,19 +63,17 @@ WINOGRAD_MIN_CHANNELS = 128
 NNPACK_MIN_PX = 16384
 
 
-@functools.lru_cache(maxsize=None)
 def native_bf16() -> bool:
     """Whether this CPU has bfloat16 dot-product instructions (AVX512_BF16 or AMX-BF16, read from /proc/cpuinfo by
     :func:`maskdecay.cpu_features`). Without them oneDNN and ATen emulate bfloat16, slower than float32."""
-    return bool({"avx512_bf16", "amx_bf16"} & set(md.cpu_features()))
+    return bool({"avx512_bf16", "amx_bf16"} & _CPU_FEATURES)
 
 
-@functools.lru_cache(maxsize=None)
 def native_fp16() -> bool:
     """Whether this CPU has float16 arithmetic instructions (AVX512_FP16 or AMX-FP16). Without them float16 on the
     CPU is emulated: the EVC_SS forward at 768x512 took 4.45 s in float16 against 0.57 s in float32 on the Zen 4
     host (AVX512_BF16, no AVX512_FP16)."""
-    return bool({"avx512_fp16", "amx_fp16"} & set(md.cpu_features()))
+    return bool({"avx512_fp16", "amx_fp16"} & _CPU_FEATURES)
 
 
 def onednn_ok(device: torch.device, dtype: torch.dtype) -> bool:

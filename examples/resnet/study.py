@@ -102,7 +102,7 @@ def prune(cfg: Config) -> tuple[dict[str, Any], list[str]]:
                "seed": cfg.seed, "methods": cfg.prune.methods, "budgets": cfg.prune.budgets,
                "total_steps_per_method": cfg.prune.decay_steps + cfg.prune.finetune_steps,
                "latency_batch": r.latency_batch, "threads": torch.get_num_threads(),
-               "machine": f"{md.cpu_name()} [{' '.join(md.cpu_features())}], torch {torch.__version__}",
+               "machine": f"{md.cpu_label()}, torch {torch.__version__}",
                "teacher": tm, "runs": rows, "wall_seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
     plots = report.write(results, out)
     return results, plots

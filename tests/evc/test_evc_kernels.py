@@ -123,8 +123,8 @@ def test_pointwise_routing_rule(monkeypatch):
 def test_onednn_takes_bfloat16_only_where_the_cpu_has_it(monkeypatch):
     """oneDNN's bf16 kernels need native bf16; float16 always falls back to ATen; the native checks read cpuinfo."""
     feats = set(md.cpu_features())
-    assert kernels.native_bf16.__wrapped__() == bool(feats & {"avx512_bf16", "amx_bf16"})
-    assert kernels.native_fp16.__wrapped__() == bool(feats & {"avx512_fp16", "amx_fp16"})
+    assert kernels.native_bf16() == bool(feats & {"avx512_bf16", "amx_bf16"})
+    assert kernels.native_fp16() == bool(feats & {"avx512_fp16", "amx_fp16"})
     cpu = torch.device("cpu")
     assert not onednn_ok(cpu, torch.float16) and not onednn_ok(torch.device("meta"), torch.float32)
     monkeypatch.setattr(kernels, "native_bf16", lambda: False)
