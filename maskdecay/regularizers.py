@@ -99,17 +99,20 @@ class SparsityLoss(Regularizer):
     channels the task does not defend collapse early, and the ceiling :math:`s(t)` guarantees every removed mask is
     exactly 0 at step N whatever the task gradient does. The weight :math:`1 - s(t)` starts the pull at 0, so the
     first steps do not shock the teacher.
+
+    ``ceiling=False`` drops the projection (the loss alone pulls the removed masks; whatever is left of them is cut
+    at step N, as for :class:`L1`): the ablation that shows what the loss term does beyond the schedule.
     """
 
     name = "sparsity"
     learns_masks = True
-    ceiling = True
 
-    def __init__(self, strength: float = 1e-2, eps: float = 0.05) -> None:
+    def __init__(self, strength: float = 1e-2, eps: float = 0.05, ceiling: bool = True) -> None:
         super().__init__(strength, "removed")
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
         self.eps = float(eps)
+        self.ceiling = bool(ceiling)
 
     def penalty(self, t: int, s: float) -> torch.Tensor:
         assert self.decay is not None
@@ -120,7 +123,7 @@ class SparsityLoss(Regularizer):
         return self.strength * (1.0 - s) * total
 
     def config(self) -> dict:
-        return {**super().config(), "eps": self.eps}
+        return {**super().config(), "eps": self.eps, "ceiling": self.ceiling}
 
 
 class _MaskNorm(Regularizer):

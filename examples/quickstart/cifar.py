@@ -133,8 +133,8 @@ def load_cifar10(data_dir: str | Path, cache_dir: str | Path | None = None) -> t
 
 def to_float(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:
     """uint8 NCHW -> normalised float32 (optionally channels_last memory format)."""
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
     out = (x.float().div_(255) - mean) / std
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
@@ -143,19 +143,21 @@ def augment(x: torch.Tensor, pad: int = 4, generator: torch.Generator | None = N
     """Random crop (zero padding of ``pad`` px) and horizontal flip, per sample, on an NCHW batch.
 
     Works on uint8 or float batches; use it on the uint8 batch before :func:`to_float`
-    (cheaper, and the padding is then black, as in the usual CIFAR recipe).
+    (cheaper, and the padding is then black, as in the usual CIFAR recipe). Runs on ``x``'s device; a
+    ``generator`` must live on that device too.
     """
     n, c, h, w = x.shape
+    dev = x.device
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
-    rows = dy + torch.arange(h)  # n x h
-    cols = dx + torch.arange(w)  # n x w
-    flip = torch.rand(n, generator=generator) < 0.5
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator, device=dev)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator, device=dev)
+    rows = dy + torch.arange(h, device=dev)  # n x h
+    cols = dx + torch.arange(w, device=dev)  # n x w
+    flip = torch.rand(n, generator=generator, device=dev) < 0.5
     cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
     return padded[
-        torch.arange(n).view(n, 1, 1, 1),
-        torch.arange(c).view(1, c, 1, 1),
+        torch.arange(n, device=dev).view(n, 1, 1, 1),
+        torch.arange(c, device=dev).view(1, c, 1, 1),
         rows.view(n, 1, h, 1),
         cols.view(n, 1, 1, w),
     ]

@@ -1,4 +1,4 @@
-"""``python -m resnet {train,prune,report,speedup}``: the ResNet/CIFAR-10 pruning example's command line."""
+"""``python -m resnet {train,prune,study,report,speedup}``: the ResNet/CIFAR-10 pruning example's command line."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +19,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from .study import load_data
+    from .pipeline import load_data
     from .training import teacher
 
     cfg = _config(args)
@@ -30,7 +30,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_prune(args: argparse.Namespace) -> None:
     from .report import table
-    from .study import prune
+    from .pipeline import prune
 
     cfg = _config(args)
     results, plots = prune(cfg)
@@ -41,6 +41,19 @@ def _cmd_prune(args: argparse.Namespace) -> None:
     if bad:
         raise ValueError(f"reloaded students did not reproduce their accuracy: {', '.join(bad)}")
     print("every saved student reloads (maskdecay.load_pruned / TP history replay) with exactly its accuracy")
+
+
+def _cmd_study(args: argparse.Namespace) -> None:
+    from . import study
+
+    cfg = study.load_config(args.config, args.set)
+    summary = study.run(cfg, args.stage)
+    out = cfg.out_dir
+    if summary is None:
+        print(f"teacher: {out / 'teacher.pt'} (learning curve in {out / 'teacher.json'})")
+        return
+    print(f"{len(summary['finals'])} final runs in {out / 'summary.json'}; "
+          f"tables and plots: python -m resnet study-report {out}")
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -67,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set prune.decay_steps=500 (repeatable)")
         p.set_defaults(func=fn)
+    st = sub.add_parser("study", help="the converged study: teacher, strength sweeps, finals, seeds (resumable)")
+    st.add_argument("--config", required=True, help="YAML config (examples/resnet/configs/study.yaml)")
+    st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    st.add_argument("--stage", choices=("teacher", "all"), default="all", help="stop after the teacher, or run all")
+    st.set_defaults(func=_cmd_study)
     r = sub.add_parser("report", help="redraw the table and plots of a prune run folder")
     r.add_argument("run_dir")
     r.add_argument("--markdown", action="store_true", help="print the table as Markdown")
