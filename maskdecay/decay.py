@@ -91,7 +91,9 @@ class MaskDecay:
             "step": [], "ceiling": [], "penalty": [],
             "removed_mean": [], "removed_max": [], "kept_mean": [], "kept_min": [], "removed_effective": [],
             "traces": {label: [] for label, _, _ in self._traced}, "cut_jump": None}
-        self._last_penalty = 0.0
+        self._fixed = [~lrn & ~r for lrn, r in zip(self.learnable, self.removed_masks)]
+        self._last_penalty = torch.zeros((), device=device)
+        self._skipped = torch.zeros((), dtype=torch.long, device=device)
         self._project()
         self._record()
 
@@ -115,7 +117,7 @@ class MaskDecay:
         if self.done:
             return self.zero()
         p = self.regularizer.penalty(self.t, self.ceiling)
-        self._last_penalty = float(p.detach())
+        self._last_penalty = p.detach()
         return p
 
     @torch.no_grad()
@@ -159,13 +161,15 @@ class MaskDecay:
             flat /= dist.get_world_size()
         if self.scaler is not None and self.scaler.is_enabled():
             flat = flat / self.scaler.get_scale()
-        if not bool(torch.isfinite(flat).all()):
-            log.warning("non-finite mask gradient at step %d: mask update skipped", self.t)
-        else:
-            if self.mask_grad_clip is not None:
-                flat = flat.clamp(-self.mask_grad_clip, self.mask_grad_clip)
-            for v, g, lrn in zip(values, flat.split([v.numel() for v in values]), self.learnable):
-                v.sub_(self.mask_lr * g * lrn)
+        # no host synchronisation per step: a non-finite gradient zeroes the whole update (counted, logged when the
+        # history is recorded)
+        finite = torch.isfinite(flat).all()
+        self._skipped += ~finite
+        flat = torch.where(finite, flat, torch.zeros_like(flat))
+        if self.mask_grad_clip is not None:
+            flat = flat.clamp(-self.mask_grad_clip, self.mask_grad_clip)
+        for v, g, lrn in zip(values, flat.split([v.numel() for v in values]), self.learnable):
+            v.sub_(self.mask_lr * g * lrn)
         for v in values:
             v.grad = None
 
@@ -173,12 +177,12 @@ class MaskDecay:
     def _project(self) -> None:
         s = self.ceiling
         reg = self.regularizer
-        for v, removed, lrn in zip(self.masks.values, self.removed_masks, self.learnable):
+        for v, removed, fixed in zip(self.masks.values, self.removed_masks, self._fixed):
             if reg.follows_schedule:
-                v[removed] = s
+                v.masked_fill_(removed, s)
             elif reg.ceiling:
-                v[removed] = v[removed].clamp(0.0, s)
-            v[~lrn & ~removed] = 1.0
+                v.copy_(torch.where(removed, v.clamp(0.0, s), v))
+            v.masked_fill_(fixed, 1.0)
 
     def _cut(self) -> None:
         jump = 0.0
@@ -229,7 +233,11 @@ class MaskDecay:
                          for v, n, n0, r in zip(vals, norms, self._norm0, self.removed_masks)])
         h["step"].append(self.t)
         h["ceiling"].append(self.ceiling)
-        h["penalty"].append(self._last_penalty)
+        h["penalty"].append(float(self._last_penalty))
+        skipped = int(self._skipped)
+        if skipped:
+            log.warning("non-finite mask gradients: %d mask update(s) skipped before step %d", skipped, self.t)
+            self._skipped.zero_()
         h["removed_mean"].append(float(rem.abs().mean()) if rem.numel() else 0.0)
         h["removed_max"].append(float(rem.abs().max()) if rem.numel() else 0.0)
         h["kept_mean"].append(float(kept.mean()) if kept.numel() else 1.0)

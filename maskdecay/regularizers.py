@@ -60,7 +60,8 @@ class Regularizer:
         self.decay = decay
 
     def in_scope(self, group_index: int) -> torch.Tensor:
-        """Bool vector: the units of a group this regularizer acts on."""
+        """Bool vector: the units of a group this regularizer acts on (used as a 0/1 weight, which needs no host
+        synchronisation on a GPU, unlike boolean indexing)."""
         assert self.decay is not None
         removed = self.decay.removed_masks[group_index]
         return removed if self.scope == "removed" else torch.ones_like(removed)
@@ -118,8 +119,7 @@ class SparsityLoss(Regularizer):
         assert self.decay is not None
         total = self.decay.zero()
         for v, r in zip(self.decay.masks.values, self.decay.removed_masks):
-            if bool(r.any()):
-                total = total + torch.log1p(v[r].abs() / self.eps).sum()
+            total = total + (torch.log1p(v.abs() / self.eps) * r).sum()
         return self.strength * (1.0 - s) * total
 
     def config(self) -> dict:
@@ -136,7 +136,7 @@ class _MaskNorm(Regularizer):
         total = self.decay.zero()
         for i, v in enumerate(self.decay.masks.values):
             sel = self.in_scope(i)
-            total = total + (v[sel].abs().sum() if self.power == 1 else v[sel].pow(2).sum())
+            total = total + ((v.abs() if self.power == 1 else v.pow(2)) * sel).sum()
         return self.strength * total
 
 
@@ -172,7 +172,7 @@ class BNScaleL1(Regularizer):
             for m in g.members:
                 if isinstance(m.module, NORM_TYPES) and getattr(m.module, "weight", None) is not None:
                     w = member_weights(m)
-                    total = total + w[sel[m.units].to(w.device)].abs().sum()
+                    total = total + (w.abs() * sel[m.units].to(w.device).unsqueeze(1)).sum()
         return self.strength * total
 
 
@@ -192,7 +192,7 @@ class GroupLasso(Regularizer):
                 w = member_weights(m)
                 if w is not None:
                     sq = sq.index_add(0, m.units.to(sq.device), w.pow(2).sum(1).float())
-            total = total + torch.sqrt(sq[self.in_scope(g.index)] + 1e-12).sum()
+            total = total + (torch.sqrt(sq + 1e-12) * self.in_scope(g.index)).sum()
         return self.strength * total
 
 

@@ -216,3 +216,22 @@ def test_folded_masks_match_output_multiply(name, monkeypatch):
     for a, b in zip(m1 + p1, m2 + p2):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
     assert s1.keys() == s2.keys()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (host synchronisation is a GPU matter)")
+@pytest.mark.parametrize("reg", ["sparsity", "hard", "l1", "l2", "bn", "group_lasso"])
+def test_decay_steps_do_not_synchronise_with_the_host(reg: str) -> None:
+    import torch.nn as nn
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).cuda()
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    masks = md.ChannelMasks(model, x, ignored_layers=[model[3]])
+    decay = md.MaskDecay(masks, md.plan(masks, widths={masks.groups[0].name: 4}), steps=1000, regularizer=reg)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):  # steps between two history records
+            (model(x).square().mean() + decay.penalty()).backward()
+            decay.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

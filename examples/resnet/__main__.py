@@ -1,4 +1,4 @@
-"""``python -m resnet {train,prune,study,report,speedup}``: the ResNet/CIFAR-10 pruning example's command line."""
+"""``python -m resnet {train,prune,study,study-report,report,speedup}``: the ResNet/CIFAR-10 pruning example's command line."""
 from __future__ import annotations
 
 import argparse
@@ -56,6 +56,12 @@ def _cmd_study(args: argparse.Namespace) -> None:
           f"tables and plots: python -m resnet study-report {out}")
 
 
+def _cmd_study_report(args: argparse.Namespace) -> None:
+    from .study_report import main as report
+
+    print(report(Path(args.out), measure=not args.no_latency, batch=args.batch))
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
     from .report import redraw
 
@@ -85,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     st.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     st.add_argument("--stage", choices=("teacher", "all"), default="all", help="stop after the teacher, or run all")
     st.set_defaults(func=_cmd_study)
+    sr = sub.add_parser("study-report", help="tables and plots of a study folder (writes OUT/report.md, OUT/plots/)")
+    sr.add_argument("out", help="the study folder (out: of the study config)")
+    sr.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
+    sr.add_argument("--batch", type=int, default=64, help="images per timed forward pass")
+    sr.set_defaults(func=_cmd_study_report)
     r = sub.add_parser("report", help="redraw the table and plots of a prune run folder")
     r.add_argument("run_dir")
     r.add_argument("--markdown", action="store_true", help="print the table as Markdown")

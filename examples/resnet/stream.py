@@ -55,8 +55,10 @@ def carve(split: Split, n_val: int, seed: int) -> tuple[Split, Split]:
     g = torch.Generator().manual_seed(seed)
     classes = torch.unique(split.y)
     per_class = [torch.nonzero(split.y == c).flatten() for c in classes]
-    take = [round(n_val * len(ix) / len(split)) for ix in per_class]
-    take[-1] += n_val - sum(take)
+    quota = [n_val * len(ix) / len(split) for ix in per_class]
+    take = [int(q) for q in quota]  # largest remainders get the images left over
+    for j in sorted(range(len(quota)), key=lambda j: take[j] - quota[j])[:n_val - sum(take)]:
+        take[j] += 1
     val_idx, train_idx = [], []
     for ix, k in zip(per_class, take):
         ix = ix[torch.randperm(len(ix), generator=g)]

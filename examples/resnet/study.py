@@ -43,7 +43,7 @@ from tqdm import tqdm
 import maskdecay as md
 
 from .config import MASK_METHODS, ConfigError
-from .data import DATA_NOTE, Split, load_any, resolve, to_float
+from .data import DATA_NOTE, Split, load_any, resolve
 from .methods import TP_FORMAT, example_input
 from .models import build
 from .stream import StepStream, carve
@@ -126,6 +126,9 @@ class StudyConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
+    amp: bool = False
+    channels_last: bool = False
+    fit_minutes: float | None = None
     arch: str = "resnet20"
     data: StudyData = field(default_factory=StudyData)
     teacher: StudyTeacher = field(default_factory=StudyTeacher)
@@ -140,6 +143,16 @@ class StudyConfig:
             build(self.arch)
         except ValueError as e:
             raise ConfigError(f"arch: {e}") from None
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device: cpu or cuda[:N], got {self.device!r}")
+        if self.fit_minutes is not None and self.fit_minutes <= 0:
+            raise ConfigError("fit_minutes: a positive number of minutes (or null)")
+        if self.data.val_size == 0:
+            if any(len(g) > 1 for g in self.prune.sweep.values()) or self.prune.seed_top > 0:
+                raise ConfigError("data.val_size: 0 leaves nothing to choose strengths or methods on: give one "
+                                  "strength per method and prune.seed_top: 0")
+        elif self.data.val_size < 0:
+            raise ConfigError("data.val_size: >= 0")
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
@@ -151,7 +164,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
 @dataclass
 class Data:
     train: Split
-    val: Split
+    val: Split | None
     test: Split
 
 
@@ -161,8 +174,15 @@ def load_data(cfg: StudyConfig) -> Data:
     cache = cfg.out_dir / "cache" if cfg.data.cache else None
     full, test = load_any(train_path, cache), load_any(test_path, cache)
     full, test = full.subset(cfg.data.train_subset, cfg.seed), test.subset(cfg.data.test_subset, cfg.seed)
+    if cfg.data.val_size == 0:
+        return Data(full, None, test)
     train, val = carve(full, cfg.data.val_size, cfg.seed)
     return Data(train, val, test)
+
+
+def accuracy(model: nn.Module, split: Split | None) -> float | None:
+    """Top-1 accuracy (%) on ``split`` (None without a validation split)."""
+    return None if split is None else evaluate(model, split)
 
 
 # ------------------------------------------------------------------------------------------------------- training
@@ -192,20 +212,22 @@ def _bar(total: int, start: int, desc: str) -> tqdm:
 def train_steps(model: nn.Module, opt: torch.optim.Optimizer, stream: StepStream, first: int, last: int,
                 lr_at: Callable[[int], float], base_lr: float, save: Callable[[int], None], desc: str,
                 penalty: Callable[[], torch.Tensor] | None = None, before_step: Callable[[], None] | None = None,
-                after_step: Callable[[], None] | None = None, offset: int = 0) -> list[float]:
-    """SGD steps ``first .. last - 1`` (batches ``offset + i`` of ``stream``), ``save(i)`` at every epoch boundary
-    and at the end. ``lr_at(i)`` scales ``base_lr``. Returns the mean task loss of each finished epoch."""
+                after_step: Callable[[], None] | None = None, amp: bool = False) -> list[float]:
+    """SGD steps ``first .. last - 1`` on batches ``i`` of ``stream``, ``save(i)`` at every epoch boundary and at
+    the end. ``lr_at(i)`` scales ``base_lr``; ``amp``: bf16 autocast. The loss is read back once per epoch, so on a
+    GPU the steps queue without waiting for the host. Returns the mean task loss of each finished epoch."""
     model.train()
     spe = stream.steps_per_epoch
     run_loss = torch.zeros((), device=stream.device)
     epoch_losses: list[float] = []
     bar = _bar(last, first, desc)
     for i in range(first, last):
-        xb, yb = stream.batch(offset + i)
+        xb, yb = stream.batch(i)
         for g in opt.param_groups:
             g["lr"] = base_lr * lr_at(i)
-        loss = F.cross_entropy(model(xb), yb)
-        total = loss + penalty() if penalty is not None else loss
+        with torch.autocast(stream.device.type, torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(xb), yb)
+            total = loss + penalty() if penalty is not None else loss
         opt.zero_grad(set_to_none=True)
         total.backward()
         if before_step is not None:
@@ -229,8 +251,9 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, stream: StepStream
 def _teacher_key(cfg: StudyConfig) -> dict[str, Any]:
     """What the teacher depends on: its checkpoints are reused only when this matches."""
     d = cfg.data
+    extra = {"device": cfg.device, "amp": cfg.amp} if cfg.device != "cpu" or cfg.amp else {}
     return json.loads(json.dumps({"arch": cfg.arch, "seed": cfg.seed, "val_size": d.val_size,
-                                  "train_subset": d.train_subset, **cfg.teacher.__dict__}))
+                                  "train_subset": d.train_subset, **cfg.teacher.__dict__, **extra}))
 
 
 def teacher(cfg: StudyConfig, data: Data) -> nn.Module:
@@ -263,11 +286,11 @@ def teacher(cfg: StudyConfig, data: Data) -> nn.Module:
     lr_at = warmup_cosine(total, warm)
     for e in range(start // spe, t.epochs):
         loss = train_steps(model, opt, stream, e * spe, (e + 1) * spe, lr_at, t.lr, lambda step: None,
-                           f"teacher {e + 1}/{t.epochs}")[-1]
-        val, test = evaluate(model, data.val), evaluate(model, data.test)
+                           f"teacher {e + 1}/{t.epochs}", amp=cfg.amp)[-1]
+        val, test = accuracy(model, data.val), evaluate(model, data.test)
         curve.append({"epoch": e + 1, "train_loss": loss, "val_accuracy": val, "test_accuracy": test,
                       "seconds": time.perf_counter() - t0})
-        log.info("teacher epoch %d/%d: loss %.3f, val %.2f %%, test %.2f %%", e + 1, t.epochs, loss, val, test)
+        log.info("teacher epoch %d/%d: loss %.3f, validation %s %%, test %.2f %%", e + 1, t.epochs, loss, val, test)
         md.atomic_save({"key": key, "step": (e + 1) * spe, "model": model.state_dict(), "opt": opt.state_dict(),
                         "curve": curve, "seconds": time.perf_counter() - t0}, state_path)
     seconds = time.perf_counter() - t0
@@ -275,7 +298,7 @@ def teacher(cfg: StudyConfig, data: Data) -> nn.Module:
                     "test_accuracy": curve[-1]["test_accuracy"], "val_accuracy": curve[-1]["val_accuracy"]},
                    out / "teacher.pt")
     _write_json(out / "teacher.json", {"key": key, "curve": curve, "train_seconds": seconds, "data": DATA_NOTE,
-                                       "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
+                                       "n_train": len(data.train), "n_val": len(data.val or ()), "n_test": len(data.test),
                                        "machine": md.cpu_label(), "threads": torch.get_num_threads()})
     state_path.unlink(missing_ok=True)
     return model.eval()
@@ -308,6 +331,9 @@ class Study:
         self.spe = len(data.train) // self.p.batch_size
         self.decay_steps = self.p.decay_epochs * self.spe
         self.teacher_macs = md.count_macs(self.teacher, example_input())
+        # NCHW by default: on torch 2.13's CPU backend, training a pruned ResNet with 2-channel layers in
+        # channels_last crashed; GPUs train channels_last (config channels_last: true)
+        self.fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
     # --------------------------------------------------------------- helpers
     def _dir(self, run: Run) -> Path:
@@ -321,10 +347,11 @@ class Study:
         return json.loads(json.dumps({
             "run": run.__dict__, "arch": self.cfg.arch, "teacher": _teacher_key(self.cfg),
             "decay_epochs": p.decay_epochs, "batch_size": p.batch_size, "lr": p.lr, "momentum": p.momentum,
-            "weight_decay": p.weight_decay, "importance": p.importance, "val_size": self.cfg.data.val_size}))
+            "weight_decay": p.weight_decay, "importance": p.importance, "val_size": self.cfg.data.val_size,
+            **({"channels_last": True} if self.cfg.channels_last else {})}))
 
     def _masked(self, run: Run) -> tuple[nn.Module, md.ChannelMasks, md.Plan, md.MaskDecay]:
-        model = copy.deepcopy(self.teacher).to(self.cfg.device)
+        model = copy.deepcopy(self.teacher).to(self.cfg.device, memory_format=self.fmt)
         masks = md.ChannelMasks(model, example_input(self.cfg.device), ignored_layers=[model.fc])
         plan = md.plan(masks, macs=run.budget, importance=self.p.importance)
         decay = md.MaskDecay(masks, plan, steps=self.decay_steps, schedule="cosine", regularizer=regularizer(run))
@@ -350,7 +377,8 @@ class Study:
         return sgd(model, self.p.lr, self.p.momentum, self.p.weight_decay)
 
     def _stream(self, run: Run) -> StepStream:
-        return StepStream(self.data.train, self.p.batch_size, 1000 + run.seed, self.cfg.device)
+        return StepStream(self.data.train, self.p.batch_size, 1000 + run.seed, self.cfg.device,
+                          channels_last=self.cfg.channels_last)
 
     # --------------------------------------------------------------- phase 1: decay (or sparse training) and cut
     def cut(self, run: Run) -> Path:
@@ -387,7 +415,7 @@ class Study:
                                 "decay": decay.state_dict(), "seconds": elapsed()}, state_path)
 
             train_steps(model, opt, stream, start, self.decay_steps, lambda i: 1.0, self.p.lr, save,
-                        f"{run.name} decay", penalty=decay.penalty, after_step=decay.step)
+                        f"{run.name} decay", penalty=decay.penalty, after_step=decay.step, amp=self.cfg.amp)
             student = md.export(model, masks, optimizer=opt)
             _write_json(self._dir(run) / "history.json", decay.history)
             info["cut_jump"] = decay.history.get("cut_jump") or 0.0
@@ -395,7 +423,7 @@ class Study:
                        "state_dict": student.state_dict(), "config": {"arch": self.cfg.arch}}
             opt_state = opt.state_dict()
         else:
-            model = copy.deepcopy(self.teacher).to(self.cfg.device)
+            model = copy.deepcopy(self.teacher).to(self.cfg.device, memory_format=self.fmt)
             pruner = self._tp_pruner(run, model)
             if run.method == "tp_groupnorm":
                 opt = self._opt(model)
@@ -410,14 +438,14 @@ class Study:
                                     "seconds": elapsed()}, state_path)
 
                 train_steps(model, opt, stream, start, self.decay_steps, lambda i: 1.0, self.p.lr, save,
-                            f"{run.name} sparse", before_step=lambda: pruner.regularize(model))
+                            f"{run.name} sparse", before_step=lambda: pruner.regularize(model), amp=self.cfg.amp)
             self._prune_to_budget(pruner, model, run.budget)
             history = [[n, bool(o), [int(i) for i in idx]] for n, o, idx in pruner.pruning_history()]
             payload = {"format": TP_FORMAT, "arch": self.cfg.arch, "tp_history": history,
                        "state_dict": model.state_dict()}
             opt_state = None  # Torch-Pruning replaces the parameters: the fine-tuning starts a new optimizer
             student = model
-        info["accuracy_after_cut_val"] = evaluate(student, self.data.val)
+        info["accuracy_after_cut_val"] = accuracy(student, self.data.val)
         info["decay_seconds"] = elapsed()
         md.atomic_save({**payload, "key": key, "opt": opt_state, "info": info}, path)
         state_path.unlink(missing_ok=True)
@@ -425,16 +453,8 @@ class Study:
 
     def load_cut(self, run: Run) -> tuple[nn.Module, dict | None, dict]:
         """The student of ``cut.pt`` (on the study device, NCHW), the optimizer state after the cut, the cut info."""
-        path = self._dir(run) / "cut.pt"
-        ckpt = _load(path)
-        if ckpt["format"] == TP_FORMAT:
-            model = build(self.cfg.arch)
-            dg = tp.DependencyGraph().build_dependency(model, example_input())
-            dg.load_pruning_history([(n, o, list(i)) for n, o, i in ckpt["tp_history"]])
-            model.load_state_dict(ckpt["state_dict"], strict=True)
-        else:
-            model = md.load_pruned(path, lambda: build(self.cfg.arch), example_input())
-        return model.to(self.cfg.device, memory_format=torch.contiguous_format), ckpt["opt"], ckpt["info"]
+        model, ckpt = load_cut(self._dir(run) / "cut.pt", self.cfg.arch)
+        return model.to(self.cfg.device, memory_format=self.fmt), ckpt["opt"], ckpt["info"]
 
     # --------------------------------------------------------------- phase 2: fine-tune
     def finetune(self, run: Run, epochs: int, final: bool) -> dict[str, Any]:
@@ -473,21 +493,22 @@ class Study:
             md.atomic_save({"key": key, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
                             "seconds": seconds + time.perf_counter() - t0}, state_path)
 
-        train_steps(model, opt, self._stream(run), start, last, lr_at, self.p.lr, save, f"{run.name} ft{epochs}")
+        train_steps(model, opt, self._stream(run), start, last, lr_at, self.p.lr, save, f"{run.name} ft{epochs}",
+                    amp=self.cfg.amp)
         prof = md.profile(model.cpu().eval(), example_input(), warmup=0, runs=1)
         model.to(self.cfg.device)
         result = {"key": key, "run": run.name, **run.__dict__, "finetune_epochs": epochs,
                   "total_steps": d + ft, "macs": prof.macs, "params": prof.params,
-                  "val_accuracy": evaluate(model, self.data.val), **info,
+                  "val_accuracy": accuracy(model, self.data.val), **info,
                   "finetune_seconds": seconds + time.perf_counter() - t0}
         if final:
             result["test_accuracy"] = evaluate(model, self.data.test)
             student_path = self._dir(run) / "student.pt"
-            md.atomic_save({"format": "resnet-study-student", "cut": str(Path("cut.pt")),
+            md.atomic_save({"format": "resnet-study-student",
                             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, student_path)
         _write_json(path, result)
         state_path.unlink(missing_ok=True)
-        log.info("%s ft%d: val %.2f %%%s, %.2f M MACs", run.name, epochs, result["val_accuracy"],
+        log.info("%s ft%d: validation %s %%%s, %.2f M MACs", run.name, epochs, result["val_accuracy"],
                  f", test {result['test_accuracy']:.2f} %" if final else "", result["macs"] / 1e6)
         return result
 
@@ -496,6 +517,8 @@ class Study:
         """Sweep ``method``'s strength at ``budget``; returns the chosen strength and the sweep points."""
         if method in NO_STRENGTH:
             return None, []
+        if len(self.p.sweep[method]) == 1:  # nothing to choose
+            return self.p.sweep[method][0], []
         grid = sorted(self.p.sweep[method])
         factor = grid[-1] / grid[-2] if len(grid) > 1 else 10.0
         results = {}
@@ -504,8 +527,10 @@ class Study:
             for s in grid:
                 if s not in results:
                     results[s] = self.finetune(Run(method, budget, s, seed), self.p.sweep_finetune_epochs, False)
-            best = max(grid, key=lambda s: results[s]["val_accuracy"])
-            if extended >= self.p.sweep_extend or len(grid) < 2 or best not in (grid[0], grid[-1]):
+            acc = [results[s]["val_accuracy"] for s in grid]
+            best = grid[acc.index(max(acc))]  # the smallest of tied strengths
+            low, high = len(grid) > 1 and acc[0] > acc[1], len(grid) > 1 and acc[-1] > acc[-2]
+            if extended >= self.p.sweep_extend or not ((best == grid[0] and low) or (best == grid[-1] and high)):
                 break
             grid = [grid[0] / factor, *grid] if best == grid[0] else [*grid, grid[-1] * factor]
             grid = [float(f"{s:.6g}") for s in grid]
@@ -534,6 +559,8 @@ class Study:
                 finals.append(self.final(method, budget, seed))
                 self.write_summary(finals)
         first = self.p.budgets[0]
+        if self.p.seed_top == 0 or not self.p.extra_seeds:
+            return self.write_summary(finals)
         ranked = sorted((f for f in finals if f["budget"] == first and f["method"] in self.p.methods),
                         key=lambda f: -f["val_accuracy"])
         for f in ranked[:self.p.seed_top]:
@@ -550,6 +577,26 @@ class Study:
         return summary
 
 
+def load_cut(path: Path, arch: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the student saved in a run's ``cut.pt`` (on the CPU); returns ``(model, checkpoint)``."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt["format"] == TP_FORMAT:
+        model = build(arch)
+        dg = tp.DependencyGraph().build_dependency(model, example_input())
+        dg.load_pruning_history([(n, o, list(i)) for n, o, i in ckpt["tp_history"]])
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    else:
+        model = md.load_pruned(path, lambda: build(arch), example_input())
+    return model, ckpt
+
+
+def load_student(run_dir: Path, arch: str) -> nn.Module:
+    """The fine-tuned student of a final run folder (``cut.pt`` gives its shape, ``student.pt`` its weights)."""
+    model, _ = load_cut(run_dir / "cut.pt", arch)
+    model.load_state_dict(torch.load(run_dir / "student.pt", map_location="cpu", weights_only=True)["state_dict"])
+    return model.eval()
+
+
 def regularizer(run: Run) -> md.Regularizer | str:
     """The maskdecay regularizer of a mask-decay run at its strength."""
     if run.method == "hard":
@@ -561,14 +608,85 @@ def regularizer(run: Run) -> md.Regularizer | str:
     return classes[run.method](strength=run.strength)
 
 
+def _seconds_per_step(model: nn.Module, stream: StepStream, amp: bool, n: int = 30, **hooks: Any) -> float:
+    """Measured seconds per training step (after 10 warm-up steps; the device is synchronised around the timing)."""
+    opt = sgd(model, 0.01, 0.9, 5e-4)
+    sync = torch.cuda.synchronize if stream.device.type == "cuda" else (lambda: None)
+    none: Callable[[int], None] = lambda step: None  # noqa: E731
+    train_steps(model, opt, stream, 0, 10, lambda i: 1.0, 0.01, none, "probe", amp=amp, **hooks)
+    sync()
+    t0 = time.perf_counter()
+    train_steps(model, opt, stream, 10, 10 + n, lambda i: 1.0, 0.01, none, "probe", amp=amp, **hooks)
+    sync()
+    return (time.perf_counter() - t0) / n
+
+
+def fit_schedule(cfg: StudyConfig, data: Data) -> dict[str, Any]:
+    """Size the pruning epochs so that the whole study fits ``cfg.fit_minutes``, from step times measured here.
+
+    Probes the teacher, a masked model under decay and an exported student at the first budget; keeps the teacher's
+    epochs and the config's decay : fine-tune ratio, and gives each final run the same epochs. The plan is written
+    to ``plan.json`` and reused, so a resumed study keeps its schedule. Sets ``cfg.prune.decay_epochs`` and
+    ``finetune_epochs``; raises ``ValueError`` when the teacher alone does not fit.
+    """
+    path = cfg.out_dir / "plan.json"
+    plan = _read_json(path)
+    if plan is None:
+        p, dev = cfg.prune, cfg.device
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        probe = StepStream(data.train, p.batch_size, 0, dev, channels_last=cfg.channels_last)
+        t_teacher = _seconds_per_step(build(cfg.arch).to(dev, memory_format=torch.channels_last),
+                                      StepStream(data.train, cfg.teacher.batch_size, 0, dev, channels_last=True),
+                                      cfg.amp)
+        model = build(cfg.arch).to(dev, memory_format=fmt)
+        masks = md.ChannelMasks(model, example_input(dev), ignored_layers=[model.fc])
+        decay = md.MaskDecay(masks, md.plan(masks, macs=p.budgets[0]), steps=1000, regularizer="sparsity")
+        t_decay = _seconds_per_step(model, probe, cfg.amp, penalty=decay.penalty, after_step=decay.step)
+        masks = md.ChannelMasks(model := build(cfg.arch).to(dev, memory_format=fmt), example_input(dev),
+                                ignored_layers=[model.fc])
+        hard = md.MaskDecay(masks, md.plan(masks, macs=p.budgets[0]), steps=1, regularizer="hard")
+        hard.step()
+        t_student = _seconds_per_step(md.export(model, masks).to(memory_format=fmt), probe, cfg.amp)
+        t0 = time.perf_counter()
+        evaluate(model, data.test)
+        t_eval = (time.perf_counter() - t0) * (len(data.test) + len(data.val or ())) / len(data.test)
+        spe_t = len(data.train) // cfg.teacher.batch_size
+        spe = len(data.train) // p.batch_size
+        teacher_s = cfg.teacher.epochs * (spe_t * t_teacher + t_eval)
+        methods = [m for b in p.budgets for m in p.methods] + \
+            ["sparsity_loss_only" for b in p.ablation_budgets if "sparsity_loss_only" not in p.methods]
+        per_unit = sum(spe * (p.decay_epochs * (t_student if m == "tp_l1" else t_decay)
+                              + p.finetune_epochs * t_student) for m in methods)
+        left = cfg.fit_minutes * 60 - teacher_s - len(methods) * 3 * t_eval
+        if left <= per_unit / max(p.decay_epochs, p.finetune_epochs):
+            raise ValueError(f"fit_minutes: the teacher alone needs {teacher_s / 60:.1f} of {cfg.fit_minutes:g} "
+                             f"minutes ({t_teacher * 1e3:.1f} ms per step): lower teacher.epochs or raise fit_minutes")
+        k = left / per_unit
+        plan = {"seconds_per_step": {"teacher": t_teacher, "decay": t_decay, "student": t_student},
+                "eval_seconds": t_eval, "teacher_minutes": teacher_s / 60,
+                "decay_epochs": max(1, int(k * p.decay_epochs)), "finetune_epochs": max(1, int(k * p.finetune_epochs)),
+                "fit_minutes": cfg.fit_minutes, "device": torch.cuda.get_device_name() if dev.startswith("cuda")
+                else md.cpu_label()}
+        _write_json(path, plan)
+        log.info("schedule for %g minutes: teacher %d epochs (%.1f min), %d runs of %d + %d epochs "
+                 "(%.2f / %.2f / %.2f ms per teacher / decay / student step)", cfg.fit_minutes, cfg.teacher.epochs,
+                 teacher_s / 60, len(methods), plan["decay_epochs"], plan["finetune_epochs"], t_teacher * 1e3,
+                 t_decay * 1e3, t_student * 1e3)
+    cfg.prune.decay_epochs, cfg.prune.finetune_epochs = plan["decay_epochs"], plan["finetune_epochs"]
+    cfg.prune.sweep_finetune_epochs = min(cfg.prune.sweep_finetune_epochs, plan["finetune_epochs"])
+    return plan
+
+
 def run(cfg: StudyConfig, stage: str = "all") -> dict[str, Any] | None:
     """The study of ``cfg`` up to ``stage`` (``teacher`` or ``all``)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg)
-    log.info("data: %d train, %d validation, %d test images (%s); %s, %d threads", len(data.train), len(data.val),
+    log.info("data: %d train, %d validation, %d test images (%s); %s, %d threads", len(data.train), len(data.val or ()),
              len(data.test), DATA_NOTE, md.cpu_label(), torch.get_num_threads())
+    if cfg.fit_minutes is not None:
+        fit_schedule(cfg, data)
     tmodel = teacher(cfg, data)
     if stage == "teacher":
         return None

@@ -3,41 +3,25 @@ Torch-Pruning baselines), exact reload of the students, and the speed-up command
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import maskdecay as md
-from resnet import config, data, methods, models, speedup, study, training
+from resnet import config, data, methods, models, pipeline, speedup, training
 from resnet.__main__ import main as cli
 from resnet.report import table
-
-
-def _tar(path: Path, n: int, seed: int) -> Path:
-    """A CIFAR-like tar of ``n`` random 32x32 JPEGs under the 10 class folders."""
-    rng = np.random.default_rng(seed)
-    with tarfile.open(path, "w") as tar:
-        for i in range(n):
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "JPEG", quality=75)
-            info = tarfile.TarInfo(f"{data.CLASSES[i % 10]}/{i:04d}.jpg")
-            info.size = buf.tell()
-            buf.seek(0)
-            tar.addfile(info, buf)
-    return path
+from tiny_cifar import cifar_tar
 
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cifar")
-    _tar(root / "train.tar", 48, 0)
-    _tar(root / "test.tar", 30, 1)
+    cifar_tar(root / "train.tar", 48, 0)
+    cifar_tar(root / "test.tar", 30, 1)
     return root
 
 
@@ -105,7 +89,7 @@ def test_tiny_study_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
         "prune": {"budgets": [0.5], "methods": ["sparsity", "l2", "tp_l1", "tp_groupnorm"], "decay_steps": 3,
                   "finetune_steps": 2, "batch_size": 8, "tp_iterative_steps": 50},
         "report": {"latency_batch": 2, "latency_rounds": 1, "latency_runs": 1}})
-    results, plots = study.prune(cfg)
+    results, plots = pipeline.prune(cfg)
     runs = {r["method"]: r for r in results["runs"]}
     assert set(runs) == {"sparsity", "l2", "tp_l1", "tp_groupnorm"}
     teacher_macs = results["teacher"]["macs"]
@@ -128,7 +112,7 @@ def test_tiny_study_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     assert torch.equal(student(x), again.to(memory_format=torch.channels_last).eval()(x))
     # a second run reuses the finished runs (resume)
-    results2, _ = study.prune(cfg)
+    results2, _ = pipeline.prune(cfg)
     assert [r["accuracy"] for r in results2["runs"]] == [r["accuracy"] for r in results["runs"]]
 
 

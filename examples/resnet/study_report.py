@@ -1,0 +1,253 @@
+"""``python -m resnet study-report OUT``: the tables and plots of a study folder written by ``python -m resnet study``.
+
+Prints Markdown (and writes it to ``OUT/report.md``): the teacher, the main table (every method at every budget:
+test accuracy on the full test split, MACs, parameters, measured CPU speed-up), the strength sweeps, mean ± standard
+deviation over seeds, the sparsity-loss ablation. Plots go to ``OUT/plots/``: the teacher's learning curve, accuracy
+against MACs with error bars over seeds, and the removed masks' trajectories against the ceiling. Latency is measured
+here, on this machine, teacher and students interleaved.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+import maskdecay as md
+
+from .data import DATA_NOTE
+from .models import build
+from .report import latencies
+from .study import load_student
+
+ABLATION = {"hard": "ceiling only (hard decay)", "sparsity_loss_only": "loss only (no ceiling)",
+            "sparsity": "loss + ceiling (sparsity loss)"}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _pm(values: list[float]) -> str:
+    m, sd = _mean_sd(values)
+    return f"{m:.2f} ± {sd:.2f} (n={len(values)})" if len(values) > 1 else f"{m:.2f}"
+
+
+def load(out: Path) -> dict[str, Any]:
+    """``summary.json`` and ``teacher.json`` of a study folder."""
+    s, t = out / "summary.json", out / "teacher.json"
+    if not s.is_file() or not t.is_file():
+        raise FileNotFoundError(f"{out}: no summary.json/teacher.json (run `python -m resnet study` first)")
+    return {**json.loads(s.read_text()), "teacher": json.loads(t.read_text())}
+
+
+def mask_gap(history: dict[str, Any]) -> dict[str, float]:
+    """How far the removed masks ran below the ceiling: the largest and the mean gap ``ceiling - removed_mean`` over
+    the recorded steps before the cut, and the largest removed mask just before it (what the cut removed)."""
+    steps = history["step"]
+    pre = [i for i, st in enumerate(steps) if st < history["steps"]]
+    gaps = [history["ceiling"][i] - history["removed_mean"][i] for i in pre]
+    return {"max_gap": max(gaps, default=0.0), "mean_gap": statistics.fmean(gaps) if gaps else 0.0,
+            "cut_jump": history.get("cut_jump") or 0.0}
+
+
+def compute(out: Path) -> dict[str, float]:
+    """Wall time of every pruning run in ``out/runs`` (each decay counted once, every fine-tuning branch)."""
+    total, n = 0.0, 0
+    for run in sorted((out / "runs").iterdir()):
+        results = [json.loads(f.read_text()) for f in sorted(run.glob("result-ft*.json"))]
+        if results:
+            n += 1
+            total += results[0].get("decay_seconds", 0.0) + sum(r.get("finetune_seconds", 0.0) for r in results)
+    return {"runs": n, "seconds": total}
+
+
+def _finals(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    return summary["finals"]
+
+
+def _seed0(summary: dict[str, Any]) -> dict[tuple[str, float], dict[str, Any]]:
+    seed = summary["config"]["seed"]
+    return {(f["method"], f["budget"]): f for f in _finals(summary) if f["seed"] == seed}
+
+
+def _by_seed(summary: dict[str, Any]) -> dict[tuple[str, float], list[dict[str, Any]]]:
+    out: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for f in _finals(summary):
+        out.setdefault((f["method"], f["budget"]), []).append(f)
+    return out
+
+
+def measure_speed(out: Path, summary: dict[str, Any], batch: int, rounds: int, runs: int) -> dict[str, float]:
+    """Interleaved CPU latency (ms, batch ``batch``) of the teacher and every seed-0 final student."""
+    arch = summary["arch"]
+    teacher = build(arch)
+    teacher.load_state_dict(torch.load(out / "teacher.pt", map_location="cpu", weights_only=True)["state_dict"])
+    models: dict[str, nn.Module] = {"teacher": teacher.eval().to(memory_format=torch.channels_last)}
+    for f in _seed0(summary).values():
+        models[f["run"]] = load_student(out / "runs" / f["run"], arch).to(memory_format=torch.channels_last)
+    return latencies(models, batch, rounds, runs)
+
+
+def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> str:
+    """The Markdown report."""
+    t = summary["teacher"]
+    last = t["curve"][-1]
+    cfg = summary["config"]
+    p = cfg["prune"]
+    lines = [f"Data: {DATA_NOTE}; {t['n_train']:,} training, {t['n_val']:,} validation (held out of the training "
+             f"set), {t['n_test']:,} test images. Machine: {t['machine']}, {t['threads']} threads.", "",
+             f"**Teacher** ({summary['arch']}, {len(t['curve'])} epochs, {t['train_seconds'] / 60:.0f} min): "
+             f"**{last['test_accuracy']:.2f} %** test, {last['val_accuracy']:.2f} % validation, "
+             f"{summary['teacher_macs'] / 1e6:.2f} M MACs.", ""]
+    seed0, by_seed = _seed0(summary), _by_seed(summary)
+    methods = [m for m in p["methods"]]
+    head = "| method | budget | strength | test acc. | acc. after cut (val) | MACs | params |"
+    sep = "|---|---|---|---|---|---|---|"
+    if lat:
+        head += " CPU latency | speed-up |"
+        sep += "---|---|"
+    lines += ["**Main table** (seed 0; test accuracy on the full test split; strength chosen on validation):", "",
+              head, sep]
+    if lat:
+        lines.append(f"| teacher | 1 | – | {last['test_accuracy']:.2f} | – | {summary['teacher_macs'] / 1e6:.2f} M | "
+                     f"– | {lat['teacher']:.2f} ms | 1.00 |")
+    for budget in p["budgets"]:
+        for m in methods:
+            f = seed0.get((m, budget))
+            if f is None:
+                lines.append(f"| {m} | {budget:g} | (not run yet) | | | | |" + (" | |" if lat else ""))
+                continue
+            s = "–" if f["strength"] is None else f"{f['strength']:g}"
+            row = (f"| {m} | {budget:g} | {s} | {f['test_accuracy']:.2f} | {f['accuracy_after_cut_val']:.2f} | "
+                   f"{f['macs'] / 1e6:.2f} M | {f['params'] / 1e3:.0f} k |")
+            if lat:
+                row += f" {lat[f['run']]:.2f} ms | {lat['teacher'] / lat[f['run']]:.2f} |"
+            lines.append(row)
+    lines += ["", "**Strength sweeps** (validation accuracy after the decay and 1 epoch of fine-tuning; best in bold):",
+              "", "| method | budget | strength → validation accuracy |", "|---|---|---|"]
+    for (m, budget), f in seed0.items():
+        if f["sweep"]:
+            best = f["strength"]
+            pts = ", ".join((f"**{q['strength']:g} → {q['val_accuracy']:.2f}**" if q["strength"] == best else
+                             f"{q['strength']:g} → {q['val_accuracy']:.2f}") for q in f["sweep"])
+            lines.append(f"| {m} | {budget:g} | {pts} |")
+    multi = {k: v for k, v in by_seed.items() if len(v) > 1}
+    if multi:
+        lines += ["", "**Seeds** (same teacher; seeds change the batches and augmentation of the pruning run):", "",
+                  "| method | budget | seeds | test acc. mean ± sd | validation acc. mean ± sd |", "|---|---|---|---|---|"]
+        for (m, budget), fs in sorted(multi.items(), key=lambda kv: -_mean_sd([f["test_accuracy"] for f in kv[1]])[0]):
+            lines.append(f"| {m} | {budget:g} | {', '.join(str(f['seed']) for f in fs)} | "
+                         f"{_pm([f['test_accuracy'] for f in fs])} | {_pm([f['val_accuracy'] for f in fs])} |")
+    abl = [(m, b) for (m, b) in seed0 if m in ABLATION and b in p["ablation_budgets"]]
+    if abl:
+        lines += ["", "**Sparsity-loss ablation** (removed masks against the cosine ceiling; gap = ceiling − mean removed "
+                  "mask, over the decay):", "",
+                  "| variant | budget | strength | test acc. | acc. after cut (val) | largest gap | mean gap | "
+                  "cut jump |", "|---|---|---|---|---|---|---|---|"]
+        for m in ABLATION:
+            for b in p["ablation_budgets"]:
+                f = seed0.get((m, b))
+                hist = out / "runs" / f["run"] / "history.json" if f else None
+                if f is None or not hist.is_file():
+                    continue
+                g = mask_gap(json.loads(hist.read_text()))
+                s = "–" if f["strength"] is None else f"{f['strength']:g}"
+                lines.append(f"| {ABLATION[m]} | {b:g} | {s} | {f['test_accuracy']:.2f} | "
+                             f"{f['accuracy_after_cut_val']:.2f} | {g['max_gap']:.4f} | {g['mean_gap']:.4f} | "
+                             f"{g['cut_jump']:.4f} |")
+    runs = compute(out)
+    lines += ["", f"Compute: teacher {t['train_seconds'] / 3600:.1f} h, {runs['runs']} pruning runs (sweep points, "
+              f"finals, seeds) {runs['seconds'] / 3600:.1f} h, on {t['machine']}, {t['threads']} threads."]
+    return "\n".join(lines)
+
+
+def plot_all(out: Path, summary: dict[str, Any]) -> list[str]:
+    """Learning curve, accuracy vs MACs (error bars over seeds), removed-mask trajectories; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    paths = []
+    t = summary["teacher"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
+    ep = [c["epoch"] for c in t["curve"]]
+    ax[0].plot(ep, [c["train_loss"] for c in t["curve"]], "k-")
+    ax[0].set(xlabel="epoch", ylabel="training loss", title="teacher: training loss")
+    ax[1].plot(ep, [c["val_accuracy"] for c in t["curve"]], "b-", label="validation (5k held out)")
+    ax[1].plot(ep, [c["test_accuracy"] for c in t["curve"]], "r-", label="test (10k)")
+    ax[1].set(xlabel="epoch", ylabel="accuracy (%)", title="teacher: accuracy")
+    ax[1].legend()
+    for a in ax:
+        a.grid(alpha=0.3)
+    fig.suptitle(f"{summary['arch']} on {DATA_NOTE}", fontsize=9)
+    fig.tight_layout()
+    paths.append(str(plots / "teacher_curve.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for m in summary["config"]["prune"]["methods"] + ["sparsity_loss_only"]:
+        pts = []
+        for (mm, b), fs in sorted(_by_seed(summary).items(), key=lambda kv: kv[0][1]):
+            if mm == m:
+                mean, sd = _mean_sd([f["test_accuracy"] for f in fs])
+                pts.append((fs[0]["macs"] / 1e6, mean, sd))
+        if pts:
+            x, y, e = zip(*pts)
+            ax.errorbar(x, y, yerr=e, fmt="s--" if m.startswith("tp_") else "o-", capsize=3, label=m)
+    ax.plot([summary["teacher_macs"] / 1e6], [t["curve"][-1]["test_accuracy"]], "k*", ms=12, label="teacher")
+    ax.set(xlabel="MACs per image (M)", ylabel="test accuracy (%)")
+    ax.set_title(f"{summary['arch']}: accuracy vs MACs, equal steps and schedule; error bars: sd over seeds\n"
+                 f"({DATA_NOTE})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(str(plots / "accuracy_vs_macs.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    seed0 = _seed0(summary)
+    for budget in summary["config"]["prune"]["ablation_budgets"]:
+        hists = {m: json.loads((out / "runs" / seed0[(m, budget)]["run"] / "history.json").read_text())
+                 for m in ABLATION if (m, budget) in seed0}
+        if not hists:
+            continue
+        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        h0 = next(iter(hists.values()))
+        for a, key, label in ((ax[0], "removed_mean", "mean removed mask"), (ax[1], "removed_max", "largest removed mask")):
+            a.plot([q / h0["steps"] for q in h0["step"]], h0["ceiling"], "k:", lw=2, label="ceiling s(t)")
+            for m, h in hists.items():
+                a.plot([q / h["steps"] for q in h["step"]], h[key], label=ABLATION[m])
+            a.set(xlabel="fraction of the decay phase", title=label)
+            a.grid(alpha=0.3)
+            a.legend(fontsize=8)
+        fig.suptitle(f"sparsity-loss ablation at {budget:g} of the teacher's MACs", fontsize=10)
+        fig.tight_layout()
+        paths.append(str(plots / f"ablation_{budget:g}.png"))
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    for budget in summary["config"]["prune"]["budgets"]:
+        runs = {m: out / "runs" / f["run"] for (m, b), f in seed0.items()
+                if b == budget and (out / "runs" / f["run"] / "history.json").is_file()}
+        if runs:
+            paths.append(md.plots.compare(runs, plots / f"masks_{budget:g}.png",
+                                          title=f"removed masks at {budget:g} of the teacher's MACs"))
+    return paths
+
+
+def main(out: Path, measure: bool = True, batch: int = 64, rounds: int = 7, runs: int = 3) -> str:
+    """Write ``report.md`` and the plots of ``out``; returns the Markdown."""
+    summary = load(out)
+    lat = measure_speed(out, summary, batch, rounds, runs) if measure else None
+    text = tables(out, summary, lat)
+    paths = plot_all(out, summary)
+    text += "\n\nPlots: " + ", ".join(str(Path(q).relative_to(out)) for q in paths)
+    (out / "report.md").write_text(text + "\n")
+    return text

@@ -1,0 +1,168 @@
+"""The converged study: resumable batches, the validation split, sweeps with edge extension, finals, seeds, the
+ablation, a kill-and-resume that gives bit-identical results, and the report."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import maskdecay as md
+from resnet import study, study_report
+from resnet.data import Split
+from resnet.stream import StepStream, carve
+
+from tiny_cifar import cifar_tar
+
+
+def _split(n: int) -> Split:
+    g = torch.Generator().manual_seed(0)
+    return Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(n) % 10)
+
+
+def test_stream_batches_depend_only_on_step() -> None:
+    split = _split(40)
+    a, b = StepStream(split, 8, 3), StepStream(split, 8, 3)
+    order = [7, 0, 5, 5, 12, 1]
+    for i in order:  # any access order gives the same batch i
+        xa, ya = a.batch(i)
+        xb, yb = b.batch(i)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(a.batch(0)[0], a.batch(1)[0])
+    assert not torch.equal(a.batch(0)[0], StepStream(split, 8, 4).batch(0)[0])
+    epoch = torch.cat([a.batch(i)[1] for i in range(5)])
+    assert sorted(epoch.tolist()) == sorted(split.y.tolist())  # one epoch visits every image once
+
+
+def test_carve_is_stratified_and_disjoint() -> None:
+    split = Split(torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1).expand(100, 3, 32, 32).clone(),
+                  torch.arange(100) % 10)
+    train, val = carve(split, 20, 0)
+    assert len(train) == 80 and len(val) == 20
+    assert torch.bincount(val.y).tolist() == [2] * 10
+    ids = set(train.x[:, 0, 0, 0].tolist()) | set(val.x[:, 0, 0, 0].tolist())
+    assert len(ids) == 100
+    with pytest.raises(ValueError, match="validation size"):
+        carve(split, 0, 0)
+
+
+def _cfg(root: Path, out: Path, **prune) -> study.StudyConfig:
+    raw = {"name": "t", "out": str(out), "arch": "resnet8",
+           "data": {"path": str(root), "val_size": 16, "cache": False},
+           "teacher": {"epochs": 1, "batch_size": 16, "warmup_epochs": 0},
+           "prune": {"budgets": [0.5], "methods": ["sparsity", "hard", "tp_l1", "tp_groupnorm"],
+                     "ablation_budgets": [0.5], "decay_epochs": 1, "finetune_epochs": 2, "sweep_finetune_epochs": 1,
+                     "batch_size": 16, "sweep": {"sparsity": [0.01, 0.1], "sparsity_loss_only": [0.1, 1.0],
+                                                 "tp_groupnorm": [0.001, 0.01]},
+                     "sweep_extend": 1, "seed_top": 1, "extra_seeds": [1], "tp_iterative_steps": 50, **prune}}
+    return md.config_from_dict(study.StudyConfig, raw)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cifar")
+    cifar_tar(root / "train.tar", 96, 0)
+    cifar_tar(root / "test.tar", 30, 1)
+    return root
+
+
+def test_config_errors() -> None:
+    with pytest.raises(md.ConfigError, match="unknown method 'foo'"):
+        md.config_from_dict(study.StudyConfig, {"prune": {"methods": ["foo"]}})
+    with pytest.raises(md.ConfigError, match="give a grid for sparsity"):
+        md.config_from_dict(study.StudyConfig, {"prune": {"methods": ["sparsity"], "sweep": {}}})
+    with pytest.raises(md.ConfigError, match="not a method with a strength"):
+        md.config_from_dict(study.StudyConfig, {"prune": {"methods": ["hard"], "ablation_budgets": [],
+                                                          "sweep": {"hard": [1.0]}}})
+
+
+def test_study_end_to_end_and_report(tiny: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tiny, tmp_path / "s")
+    summary = study.run(cfg)
+    finals = summary["finals"]
+    names = [(f["method"], f["seed"]) for f in finals]
+    assert names[:5] == [("sparsity", 0), ("hard", 0), ("tp_l1", 0), ("tp_groupnorm", 0), ("sparsity_loss_only", 0)]
+    assert len(finals) == 6 and finals[5]["seed"] == 1  # the best method again with seed 1
+    teacher_macs = summary["teacher_macs"]
+    for f in finals:
+        assert 0.4 * teacher_macs < f["macs"] <= 0.5 * teacher_macs * 1.03, f["run"]
+        assert f["total_steps"] == 3 * 5  # every method: 1 decay + 2 fine-tune epochs of 5 steps
+        assert "test_accuracy" in f
+    by = {f["method"]: f for f in finals if f["seed"] == 0}
+    assert by["hard"]["strength"] is None and by["hard"]["sweep"] == []
+    assert {p["strength"] for p in by["sparsity"]["sweep"]} >= {0.01, 0.1}
+    # the sweep never saw the test set: its points carry validation accuracy only
+    for p in (tmp_path / "s" / "runs").glob("*/result-ft1.json"):
+        assert "test_accuracy" not in p.read_text()
+    # the saved final students reload with their accuracy
+    out = tmp_path / "s"
+    student = study.load_student(out / "runs" / by["tp_l1"]["run"], "resnet8")
+    assert md.count_macs(student, torch.randn(1, 3, 32, 32)) == by["tp_l1"]["macs"]
+    # a second call reuses everything
+    again = study.run(cfg)
+    assert [f["val_accuracy"] for f in again["finals"]] == [f["val_accuracy"] for f in finals]
+    text = study_report.main(out, measure=True, batch=2, rounds=1, runs=1)
+    for needle in ("Main table", "Strength sweeps", "Seeds", "Sparsity-loss ablation", "speed-up"):
+        assert needle in text
+    for name in ("teacher_curve.png", "accuracy_vs_macs.png", "ablation_0.5.png", "masks_0.5.png"):
+        assert (out / "plots" / name).is_file()
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_bit_identically(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prune = {"methods": ["sparsity"], "ablation_budgets": [], "seed_top": 0, "decay_epochs": 2}
+    ref_cfg = _cfg(tiny, tmp_path / "ref", **prune)
+    ref = study.run(ref_cfg)["finals"][0]
+
+    cfg = _cfg(tiny, tmp_path / "cut", **prune)
+    save = md.atomic_save
+    calls = {"n": 0}
+
+    def flaky(obj: object, path: str) -> None:
+        save(obj, path)
+        if "state" in str(path) and "teacher" not in str(path):
+            calls["n"] += 1
+            if calls["n"] in (1, 4):  # after the first decay epoch, and again inside a fine-tuning
+                raise _Killed(path)
+
+    monkeypatch.setattr(md, "atomic_save", flaky)
+    for _ in range(2):
+        with pytest.raises(_Killed):
+            study.run(cfg)
+    monkeypatch.setattr(md, "atomic_save", save)
+    got = study.run(cfg)["finals"][0]
+    assert got["val_accuracy"] == ref["val_accuracy"] and got["test_accuracy"] == ref["test_accuracy"]
+    a = torch.load(tmp_path / "ref" / "runs" / ref["run"] / "student.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "runs" / got["run"] / "student.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_carve_uneven_classes() -> None:
+    y = torch.tensor([0] * 9 + [1] * 10 + [2] * 10 + [3] * 11)
+    split = Split(torch.zeros(40, 3, 32, 32, dtype=torch.uint8), y)
+    train, val = carve(split, 7, 1)
+    assert len(val) == 7 and len(train) == 33
+    assert all(abs(int(c) - 7 * n / 40) < 1 for c, n in zip(torch.bincount(val.y), (9, 10, 10, 11)))
+
+
+def test_gpu_recipe_smoke_on_cpu(tiny: Path, tmp_path: Path) -> None:
+    """The GPU recipe's config, run on the CPU at a tiny scale: the schedule is sized from measured step times
+    (plan.json), bf16 autocast trains, no validation split, every method finishes at its budget."""
+    root = Path(__file__).resolve().parents[2]
+    cfg = study.load_config(root / "examples/resnet/configs/resnet56_gpu.yaml", [
+        "device=cpu", "channels_last=false", "arch=resnet8", f"data.path={tiny}", "data.cache=false",
+        f"out={tmp_path / 'gpu'}", "teacher.epochs=1", "teacher.batch_size=16", "prune.batch_size=16",
+        "fit_minutes=3", "prune.tp_iterative_steps=50"])
+    assert cfg.amp and cfg.data.val_size == 0
+    summary = study.run(cfg)
+    plan = (tmp_path / "gpu" / "plan.json").read_text()
+    assert '"decay_epochs"' in plan and '"seconds_per_step"' in plan
+    finals = {f["method"]: f for f in summary["finals"]}
+    assert set(finals) == {"sparsity", "hard", "tp_groupnorm"}
+    for f in finals.values():
+        assert f["val_accuracy"] is None and f["macs"] <= 0.47 * summary["teacher_macs"] * 1.03
+    with pytest.raises(md.ConfigError, match="one strength per method"):
+        study.load_config(root / "examples/resnet/configs/resnet56_gpu.yaml", ["prune.sweep.sparsity=[0.1, 1.0]"])
