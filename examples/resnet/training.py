@@ -112,8 +112,10 @@ def teacher(cfg: Config, train: Split, test: Split) -> tuple[nn.Module, dict]:
             log.info("teacher: %s was trained with other settings; training a new one", path)
         else:
             model.load_state_dict(saved["state_dict"])
-            log.info("teacher: loaded %s (%.2f %% test accuracy)", path, saved["accuracy"])
-            return model, {"checkpoint": path, "accuracy": saved["accuracy"], "reused": True,
+            # a given checkpoint (e.g. the study's teacher) is scored on this config's test images
+            acc = saved["accuracy"] if cfg.teacher.checkpoint is None else evaluate(model, test)
+            log.info("teacher: loaded %s (%.2f %% test accuracy)", path, acc)
+            return model, {"checkpoint": path, "accuracy": acc, "reused": True,
                            "train_seconds": saved.get("train_seconds")}
     elif cfg.teacher.checkpoint is not None:
         raise FileNotFoundError(f"teacher.checkpoint: {path} does not exist")

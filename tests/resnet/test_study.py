@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import maskdecay as md
-from resnet import study, study_report
+from resnet import config, pipeline, study, study_report
 from resnet.data import Split
 from resnet.stream import StepStream, carve
 
@@ -101,6 +101,14 @@ def test_study_end_to_end_and_report(tiny: Path, tmp_path: Path) -> None:
     # a second call reuses everything
     again = study.run(cfg)
     assert [f["val_accuracy"] for f in again["finals"]] == [f["val_accuracy"] for f in finals]
+    # `make demo` prunes the study's teacher through the prune pipeline, scored on the demo's own test images
+    demo = config.from_dict({
+        "name": "demo", "out": str(tmp_path / "demo"), "data": {"path": str(tiny), "test_subset": 20},
+        "model": {"arch": "resnet8"}, "teacher": {"checkpoint": str(out / "teacher.pt")},
+        "prune": {"budgets": [0.5], "methods": ["hard"], "decay_steps": 2, "finetune_steps": 1, "batch_size": 8},
+        "report": {"latency_batch": 2, "latency_rounds": 1, "latency_runs": 1}})
+    results, _ = pipeline.prune(demo)
+    assert results["teacher"]["reused"] and results["runs"][0]["reload_exact"]
     text = study_report.main(out, measure=True, batch=2, rounds=1, runs=1)
     for needle in ("Main table", "Strength sweeps", "Seeds", "Sparsity-loss ablation", "speed-up"):
         assert needle in text
