@@ -17,12 +17,21 @@ FORMAT = "maskdecay-pruned"
 VERSION = 1
 
 
+def _plain_open_mode() -> int:
+    """The permissions ``open(path, "w")`` would give a new file: 0o666 minus the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves a partial file."""
+    """``torch.save`` to a temporary file in the same folder, then rename: a crash never leaves a partial file.
+    The file ends with the permissions a plain ``open`` would give it (not the temporary file's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _plain_open_mode())
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

@@ -185,3 +185,20 @@ def test_peak_rss_mb_reads_vmhwm_and_says_none_when_unknown(tmp_path) -> None:
     assert md.peak_rss_mb(str(status)) is None and md.peak_rss_mb(str(tmp_path / "missing")) is None
     if os.path.exists("/proc/self/status"):  # Linux: this process is resident, so its peak is positive
         assert md.peak_rss_mb() > 0
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_save_gives_plain_open_permissions(tmp_path, umask: int) -> None:
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        md.atomic_save({"a": 1}, tmp_path / "x.pt")
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(tmp_path / "x.pt").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
