@@ -19,9 +19,11 @@ Every method gets the same teacher, budget, total steps, batch size, LR schedule
 then a cosine to 0 over the fine-tuning) and SGD settings. ``tp_l1`` prunes at step 0 and fine-tunes for all the
 steps under the same LR schedule.
 
-Layout of ``out/``: ``teacher.pt`` (state_dict + key), ``teacher.json``, ``runs/<run>/`` (``cut.pt``: the student
-right after the cut, ``result-ft<E>.json``, ``history.json`` for mask decay), ``state/`` (in-progress checkpoints,
-not needed once a piece is done). ``python -m resnet study-report`` turns the folder into tables and plots.
+Layout of ``out/``: ``teacher.pt`` (state_dict + key), ``teacher.json``, ``summary.json``, ``runs/<run>/``
+(``cut.pt``: the student right after the cut with its optimizer state, the branch point of the sweep's and the final
+fine-tuning; ``result-ft<E>.json``; ``history.json`` for mask decay; ``student.pt`` for final runs), ``state/``
+(in-progress checkpoints, deleted when their piece is done). ``cut.pt`` and ``state/`` are working files: the rest is
+small enough to keep with the code. ``python -m resnet study-report`` turns the folder into tables and plots.
 """
 from __future__ import annotations
 
@@ -503,9 +505,10 @@ class Study:
                   "finetune_seconds": seconds + time.perf_counter() - t0}
         if final:
             result["test_accuracy"] = evaluate(model, self.data.test)
-            student_path = self._dir(run) / "student.pt"
-            md.atomic_save({"format": "resnet-study-student",
-                            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, student_path)
+            cut = _load(self._dir(run) / "cut.pt")
+            shape = {k: cut[k] for k in ("format", "version", "plan", "config", "arch", "tp_history") if k in cut}
+            md.atomic_save({**shape, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}},
+                           self._dir(run) / "student.pt")
         _write_json(path, result)
         state_path.unlink(missing_ok=True)
         log.info("%s ft%d: validation %s %%%s, %.2f M MACs", run.name, epochs, result["val_accuracy"],
@@ -578,7 +581,8 @@ class Study:
 
 
 def load_cut(path: Path, arch: str) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the student saved in a run's ``cut.pt`` (on the CPU); returns ``(model, checkpoint)``."""
+    """Rebuild a student saved in a run's ``cut.pt`` or ``student.pt`` (on the CPU); returns ``(model, checkpoint)``:
+    ``maskdecay.load_pruned`` for mask decay, Torch-Pruning's history replayed on a fresh model for its pruners."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt["format"] == TP_FORMAT:
         model = build(arch)
@@ -591,10 +595,8 @@ def load_cut(path: Path, arch: str) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def load_student(run_dir: Path, arch: str) -> nn.Module:
-    """The fine-tuned student of a final run folder (``cut.pt`` gives its shape, ``student.pt`` its weights)."""
-    model, _ = load_cut(run_dir / "cut.pt", arch)
-    model.load_state_dict(torch.load(run_dir / "student.pt", map_location="cpu", weights_only=True)["state_dict"])
-    return model.eval()
+    """The fine-tuned student of a final run folder (``student.pt``: its weights and how it was cut), in eval mode."""
+    return load_cut(run_dir / "student.pt", arch)[0].eval()
 
 
 def regularizer(run: Run) -> md.Regularizer | str:

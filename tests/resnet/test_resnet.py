@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import maskdecay as md
-from resnet import config, data, methods, models, pipeline, speedup, training
+from resnet import config, data, methods, models, pipeline, speedup, study, training
 from resnet.__main__ import main as cli
 from resnet.report import table
 from tiny_cifar import cifar_tar
@@ -61,8 +61,10 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="c.yaml: unknown key"):
         config.load(f)
     assert cli(["prune", "--config", str(f)]) == 2
-    for name in ("demo.yaml", "study.yaml", "resnet56_gpu.yaml"):
-        config.load(Path(__file__).resolve().parents[2] / "examples/resnet/configs" / name)
+    configs = Path(__file__).resolve().parents[2] / "examples/resnet/configs"
+    config.load(configs / "demo.yaml")
+    for name in ("study.yaml", "resnet56_gpu.yaml"):
+        study.load_config(configs / name)
 
 
 def test_data_tar_and_folder(tiny_data: Path, tmp_path: Path) -> None:
