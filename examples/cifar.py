@@ -1,4 +1,5 @@
-"""CIFAR-10 from the project's JPEG tars, as uint8 tensors, plus tiny tensor-side augmentation.
+"""CIFAR-10 from the project's JPEG tars, as uint8 tensors, plus tiny tensor-side augmentation (shared by the
+quick-start and the ResNet example).
 
 The shipped data (``../shared/data/cifar10/``, see its ``SOURCE.md``) is two plain
 tars, ``train.tar`` and ``test.tar``, whose members are ``<class>/<NNNN>.jpg``.
@@ -10,7 +11,7 @@ decoded arrays as ``.npy`` files in a cache directory so reruns start at once.
 
 Usage::
 
-    from cifar import load_cifar10, batches, augment
+    from maskdecay_examples.cifar import augment, batches, load_cifar10, to_float
     train, test = load_cifar10("../shared/data/cifar10", cache_dir="runs/demo/cache")
     for xb, yb in batches(train, 128, shuffle=True, generator=g):
         xb = augment(to_float(xb), generator=g)

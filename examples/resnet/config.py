@@ -144,8 +144,8 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{name}: value out of range")
     if p.schedule not in ("linear", "cosine", "exp", "step"):
         raise ConfigError(f"prune.schedule: use linear, cosine, exp or step, got {p.schedule!r}")
-    if p.importance not in ("l1", "l2", "bn", "taylor"):
-        raise ConfigError(f"prune.importance: use l1, l2, bn or taylor, got {p.importance!r}")
+    if p.importance not in md.IMPORTANCES:
+        raise ConfigError(f"prune.importance: use one of {', '.join(md.IMPORTANCES)}, got {p.importance!r}")
     if not (cfg.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", cfg.device)):
         raise ConfigError(f"device: use cpu or cuda[:N], got {cfg.device!r}")
     if cfg.threads is not None and cfg.threads < 1:

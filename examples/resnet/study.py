@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import maskdecay as md
 
+from ..hostinfo import cpu_label
 from .config import MASK_METHODS, ConfigError
 from .data import DATA_NOTE, Split, load_any, resolve, to_float
 from .methods import TP_FORMAT, example_input
@@ -276,7 +277,7 @@ def teacher(cfg: StudyConfig, data: Data) -> nn.Module:
                    out / "teacher.pt")
     _write_json(out / "teacher.json", {"key": key, "curve": curve, "train_seconds": seconds, "data": DATA_NOTE,
                                        "n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
-                                       "machine": md.cpu_label(), "threads": torch.get_num_threads()})
+                                       "machine": cpu_label(), "threads": torch.get_num_threads()})
     state_path.unlink(missing_ok=True)
     return model.eval()
 
@@ -568,7 +569,7 @@ def run(cfg: StudyConfig, stage: str = "all") -> dict[str, Any] | None:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg)
     log.info("data: %d train, %d validation, %d test images (%s); %s, %d threads", len(data.train), len(data.val),
-             len(data.test), DATA_NOTE, md.cpu_label(), torch.get_num_threads())
+             len(data.test), DATA_NOTE, cpu_label(), torch.get_num_threads())
     tmodel = teacher(cfg, data)
     if stage == "teacher":
         return None

@@ -15,9 +15,9 @@ import os
 import pytest
 import torch
 
-import evc
-from evc.codec import to_uint8
-from evc.fast import FastEngine
+from maskdecay_examples import evc
+from maskdecay_examples.evc.cli.imageio import to_uint8
+from maskdecay_examples.evc.engines.fast import FastEngine
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 with open(os.path.join(DATA, "pinned.json")) as _f:

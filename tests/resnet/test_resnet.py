@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 import maskdecay as md
-from resnet import config, data, methods, models, speedup, study, training
-from resnet.__main__ import main as cli
-from resnet.report import table
+from maskdecay_examples.resnet import config, data, methods, models, pipeline, speedup, study, training
+from maskdecay_examples.resnet.__main__ import main as cli
+from maskdecay_examples.resnet.report import table
 
 
 def _tar(path: Path, n: int, seed: int) -> Path:
@@ -77,8 +77,10 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
     with pytest.raises(config.ConfigError, match="c.yaml: unknown key"):
         config.load(f)
     assert cli(["prune", "--config", str(f)]) == 2
-    for name in ("demo.yaml", "study.yaml", "resnet56_gpu.yaml"):
-        config.load(Path(__file__).resolve().parents[2] / "examples/resnet/configs" / name)
+    configs = Path(__file__).resolve().parents[2] / "examples/resnet/configs"
+    for name in ("demo.yaml", "resnet56_gpu.yaml"):
+        config.load(configs / name)
+    study.load_config(configs / "study.yaml")  # the converged study has its own config
 
 
 def test_data_tar_and_folder(tiny_data: Path, tmp_path: Path) -> None:
@@ -105,7 +107,7 @@ def test_tiny_study_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
         "prune": {"budgets": [0.5], "methods": ["sparsity", "l2", "tp_l1", "tp_groupnorm"], "decay_steps": 3,
                   "finetune_steps": 2, "batch_size": 8, "tp_iterative_steps": 50},
         "report": {"latency_batch": 2, "latency_rounds": 1, "latency_runs": 1}})
-    results, plots = study.prune(cfg)
+    results, plots = pipeline.prune(cfg)
     runs = {r["method"]: r for r in results["runs"]}
     assert set(runs) == {"sparsity", "l2", "tp_l1", "tp_groupnorm"}
     teacher_macs = results["teacher"]["macs"]
@@ -128,7 +130,7 @@ def test_tiny_study_end_to_end(tiny_data: Path, tmp_path: Path) -> None:
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     assert torch.equal(student(x), again.to(memory_format=torch.channels_last).eval()(x))
     # a second run reuses the finished runs (resume)
-    results2, _ = study.prune(cfg)
+    results2, _ = pipeline.prune(cfg)
     assert [r["accuracy"] for r in results2["runs"]] == [r["accuracy"] for r in results["runs"]]
 
 

@@ -1,4 +1,5 @@
-"""``make evc-demo`` / ``python -m evc.demo --out runs/evc_demo``: the EVC pipeline end to end at a tiny scale.
+"""The EVC pipeline end to end at a tiny scale: ``make evc-demo`` or
+``python -m maskdecay_examples.evc.cli.demo --out runs/evc_demo``.
 
 teacher (``evc train``) -> mask decay to EVC_SS (``evc decay``) -> RRL scalable encoder (``evc rrl``) ->
 Kodak encode/decode with real bitstreams (``evc eval``, centre crops) -> RD plot with the official curves and a
@@ -14,13 +15,14 @@ import os
 import sys
 import time
 
-from .cli import main as cli
-from .config import load_config
-from .decay import run_decay
-from .rrl import run_rrl
-from .train import train
+from ..training.config import load_config
+from ..training.decay import run_decay
+from ..training.metrics import bd_or_nan, load_results
+from ..training.rrl import run_rrl
+from ..training.train import train
+from .main import main as cli
 
-CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.yaml")
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "demo.yaml")
 
 
 def _evc(*argv: str) -> None:
@@ -31,8 +33,6 @@ def _evc(*argv: str) -> None:
 
 def _table(jsons: list[str]) -> str:
     """RD points of every run and BD-rate / BD-PSNR against the teacher (``jsons[1]``)."""
-    from .metrics import bd_or_nan, load_results
-
     res = [load_results(j) for j in jsons]
     lines = ["", "Kodak crops, real bitstreams (4 anchors, lowest rate first); BD against the demo teacher (pchip):",
              f"{'model':<16} {'bpp':<30} {'PSNR dB':<26} {'BD-rate':>9} {'BD-PSNR':>9}"]
@@ -51,7 +51,7 @@ def _table(jsons: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; prints where the results are."""
-    ap = argparse.ArgumentParser(prog="python -m evc.demo", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m maskdecay_examples.evc.cli.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/evc_demo")
     ap.add_argument("--config", default=CONFIG)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")

@@ -4,7 +4,7 @@ Every case runs the real CLI entry point (in-process) on a corrupted copy of a v
 exception escapes, the exit status is non-zero with exactly one line on stderr (or zero with a complete output
 image for corruptions that keep the stream valid), and no output or temporary file is left behind on failure.
 
-Usage: ``python -m evc.fuzz --cases 20000 [--seed 0] [--workdir DIR]``
+Usage: ``python -m maskdecay_examples.evc.cli.fuzz --cases 20000 [--seed 0] [--workdir DIR]``
 """
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
+
+import torch
+
+from ..coding.codec import compress
+from ..coding.rate import select_rate
+from ..models.zoo import build_model, save_model
+from .main import main as cli_main
 
 __all__ = ["FuzzReport", "make_fixture", "corrupt", "run_fuzz", "main"]
 
@@ -42,21 +49,17 @@ class FuzzReport:
 def make_fixture(workdir: str, seed: int = 0) -> tuple[str, str, str, bytes]:
     """Write a tiny random-weights checkpoint, a second (different) one and a valid stream; returns
     (ckpt, other_ckpt, stream_path, stream_bytes)."""
-    import torch
-
-    import evc
-
     torch.manual_seed(seed)
-    m = evc.build_model("mini_EVC_SS")
+    m = build_model("mini_EVC_SS")
     ck = os.path.join(workdir, "mini.pt")
-    evc.save_model(m, ck)
+    save_model(m, ck)
     torch.manual_seed(seed + 1)
     other = os.path.join(workdir, "other.pt")
-    evc.save_model(evc.build_model("mini_EVC_SS"), other)
+    save_model(build_model("mini_EVC_SS"), other)
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(1, 3, 40, 72, generator=g)
     x = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
-    res = evc.compress(m, x, evc.select_rate(m, rate_index=3))
+    res = compress(m, x, select_rate(m, rate_index=3))
     sp = os.path.join(workdir, "good.evc")
     with open(sp, "wb") as f:
         f.write(res.data)
@@ -119,9 +122,8 @@ def _classify(msg: str) -> str:
 
 def run_fuzz(cases: int, seed: int = 0, workdir: str | None = None, progress: bool = False,
              time_limit_per_case: float = 10.0, max_pixels: int = 1 << 16) -> FuzzReport:
-    """Run ``cases`` corrupted decodes through ``evc.cli.main``; see the module docstring for the checks."""
-    from .cli import main as cli_main
-
+    """Run ``cases`` corrupted decodes through the ``evc`` command's :func:`~.main.main`; see the module docstring
+    for the checks."""
     rep = FuzzReport()
     rng = random.Random(seed)
     own = workdir is None
@@ -192,12 +194,10 @@ def run_fuzz(cases: int, seed: int = 0, workdir: str | None = None, progress: bo
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: run the fuzzer and print a summary; exit 1 on any failure."""
-    ap = argparse.ArgumentParser(prog="python -m evc.fuzz", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m maskdecay_examples.evc.cli.fuzz", description=__doc__.splitlines()[0])
     ap.add_argument("--cases", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    import torch
-
     torch.set_num_threads(1)
     rep = run_fuzz(args.cases, args.seed, progress=True)
     print(f"{rep.cases} cases in {rep.seconds:.1f} s, {len(rep.failures)} failures")

@@ -1,4 +1,4 @@
-"""The ``.evc`` container: header, payload, CRC32; plus atomic file writes.
+"""The ``.evc`` container: header, payload, CRC32.
 
 Layout (big-endian, see docs/evc_bitstream.md)::
 
@@ -19,9 +19,7 @@ Layout (big-endian, see docs/evc_bitstream.md)::
 """
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 
@@ -37,7 +35,6 @@ __all__ = [
     "BitstreamError",
     "pack",
     "unpack",
-    "atomic_write_bytes",
 ]
 
 MAGIC = b"\x89EVC"
@@ -108,23 +105,3 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
         raise BitstreamError(f"corrupt stream (q_scale {q_scale})")
     h = Header(flags, arch, bytes(whash), tcrc, height, width, float(q_scale), rate_index, version)
     return h, bytes(data[HEADER_SIZE:HEADER_SIZE + plen])
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``: readers see either
-    the old file or the complete new one, and a failure leaves no partial file."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

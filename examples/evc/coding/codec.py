@@ -1,17 +1,14 @@
-"""Image <-> .evc stream with an EVC model: padding, variable rate, the dual-prior coding loop, image I/O.
+"""Image <-> .evc stream with an EVC model: padding, the dual-prior coding loop, the per-model coding context.
 
 The same dual-prior routine runs in three modes: *write* (encoder), *read* (decoder) and *estimate* (the model's own
-quantised forward pass, no entropy coding). All entropy parameters come from the exact float64 twins of the prior
-networks (:mod:`evc.exact`), so the three modes agree bit for bit on every symbol, scale index and mean, whatever
-the thread count, batch size or process.
+quantised forward pass, no entropy coding). All entropy parameters come from the exact float64 networks of the
+engine (:mod:`~maskdecay_examples.evc.engines`), so the three modes agree bit for bit on every symbol, scale index
+and mean, whatever the engine, thread count, batch size or process.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
-import math
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,38 +17,29 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ..engines.base import Engine, ModelCache, state_key
+from ..engines.reference import ReferenceEngine
+from ..models.architectures import ARCH_CODES, EVC, ScalableEVC, checkerboard
+from ..models.bottleneck import gaussian_bits
 from . import bitstream as bs
 from .entropy import (
+    StreamError,
     SymbolReader,
     SymbolWriter,
-    StreamError,
+    Table,
     factorized_tables,
-    gaussian_bits,
     gaussian_tables,
     scale_to_index,
     tables_crc,
 )
-from .exact import ExactNet
-from .models import ARCH_CODES, SCALE_LAMBDAS, EVC, ScalableEVC, checkerboard
+from .rate import RateSpec, curr_q64
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "PAD",
-    "ReferenceEngine",
-    "RateSpec",
-    "select_rate",
-    "EncodeResult",
-    "DecodeResult",
-    "compress",
-    "decompress",
-    "reconstruct",
-    "load_image",
-    "save_image",
-    "pad_image",
-    "weights_hash",
-]
+__all__ = ["PAD", "MAX_DECODE_PIXELS", "CodingContext", "coding_context", "weights_hash", "compress", "decompress",
+           "reconstruct", "EncodeResult", "DecodeResult", "pad_image"]
 
 PAD = 64
 #: default limit of :func:`decompress` on the declared image size (8192 x 8192)
@@ -59,23 +47,17 @@ MAX_DECODE_PIXELS = 1 << 26
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# per-model cached coding context
+# per-model coding context
 # ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class _Context:
-    key: tuple
+@dataclass(frozen=True)
+class CodingContext:
+    """What encoder and decoder derive from a model's weights before coding: the header's weights hash and the
+    entropy-coding tables with their CRC."""
+
     weights_hash: bytes
-    z_tables: tuple
-    y_tables: tuple
+    z_tables: tuple[Table, ...]
+    y_tables: tuple[Table, ...]
     tables_crc: int
-    hyper_dec: ExactNet
-    fusion: ExactNet
-    spatial: ExactNet
-    synthesis: ExactNet
-
-
-def _state_key(model: EVC) -> tuple:
-    return tuple((p.data_ptr(), p._version) for p in model.parameters()) + (str(next(model.parameters()).device),)
 
 
 def weights_hash(model: EVC) -> bytes:
@@ -88,143 +70,27 @@ def weights_hash(model: EVC) -> bytes:
     return h.digest()[:8]
 
 
-def _context(model: EVC) -> _Context:
-    key = _state_key(model)
-    ctx = getattr(model, "_evc_ctx", None)
-    if ctx is not None and ctx.key == key:
-        return ctx
+def _build_context(model: nn.Module) -> CodingContext:
     zt = factorized_tables(model.bit_estimator_z)
     yt = gaussian_tables()
-    ctx = _Context(
-        key=key,
-        weights_hash=weights_hash(model),
-        z_tables=zt,
-        y_tables=yt,
-        tables_crc=tables_crc(zt + yt),
-        hyper_dec=ExactNet(model.hyper_dec),
-        fusion=ExactNet(model.y_prior_fusion),
-        spatial=ExactNet(model.y_spatial_prior),
-        synthesis=ExactNet(model.dec),
-    )
-    object.__setattr__(model, "_evc_ctx", ctx)
-    return ctx
+    return CodingContext(weights_hash(model), zt, yt, tables_crc(zt + yt))
 
 
-class ReferenceEngine:
-    """The plain inference path: the model's own float32 modules (eager) for the analysis, ``hyper_enc`` and the
-    float synthesis, and the exact float64 twins of :mod:`evc.exact` for the entropy parameters and the exact
-    synthesis. :class:`evc.fast.FastEngine` has the same interface."""
-
-    def __init__(self, model: EVC) -> None:
-        self.model = model
-        self.key = _state_key(model)
-
-    def latents(self, xp: torch.Tensor, enc_id: int | None) -> torch.Tensor:
-        """Candidate latents (K,B,N,h,w): K = 1 except for scalable models without ``enc_id``."""
-        if isinstance(self.model, ScalableEVC):
-            return self.model.candidates(xp, enc_id)
-        return self.model.enc(xp).unsqueeze(0)
-
-    def hyper_enc(self, y: torch.Tensor) -> torch.Tensor:
-        """hyper_enc of y / curr_q (float32), before rounding."""
-        return self.model.hyper_enc(y)
-
-    def prior(self, z_hat64: torch.Tensor) -> torch.Tensor:
-        """Exact ``y_prior_fusion(hyper_dec(z_hat))`` in float64."""
-        ctx = _context(self.model)
-        return ctx.fusion(ctx.hyper_dec(z_hat64))
-
-    def spatial(self, inp: torch.Tensor) -> torch.Tensor:
-        """Exact ``y_spatial_prior`` in float64."""
-        return _context(self.model).spatial(inp)
-
-    def synthesis(self, y64: torch.Tensor, exact: bool) -> torch.Tensor:
-        """Image (before clamping) from the dequantised latent: exact float64 twin, or the float32 ``dec``."""
-        if exact:
-            return _context(self.model).synthesis(y64)
-        return self.model.dec(y64.to(torch.float32))
+#: one context per model and weights (building the z tables evaluates the model's CDF)
+_CONTEXTS: ModelCache[CodingContext] = ModelCache(_build_context)
 
 
-def _engine(model: EVC, engine: "ReferenceEngine | None") -> "ReferenceEngine":
+def coding_context(model: EVC) -> CodingContext:
+    """The :class:`CodingContext` of ``model``'s current weights (cached)."""
+    return _CONTEXTS.get(model)
+
+
+def _engine(model: EVC, engine: Engine | None) -> Engine:
     if engine is None:
         return ReferenceEngine(model)
-    if engine.model is not model or engine.key != _state_key(model):
+    if engine.model is not model or engine.key != state_key(model):
         raise ValueError("the engine was built for another model or for weights that have changed since: rebuild it")
     return engine
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# variable rate
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RateSpec:
-    """A resolved rate: the float32 q_scale used by encoder and decoder, the anchor index (255 if none) and the
-    RD lambda used by the scalable models to pick an encoder candidate."""
-
-    q_scale: float
-    rate_index: int
-    lam: float
-
-
-def _f32(v: float) -> float:
-    return float(np.float32(v))
-
-
-def _interp_log(values: list[float], t: float) -> float:
-    n = len(values)
-    if n == 1:
-        return values[0]
-    t = min(max(t, 0.0), float(n - 1))
-    i = min(int(math.floor(t)), n - 2)
-    f = t - i
-    a, b = math.log(values[i]), math.log(values[i + 1])
-    return math.exp(a + f * (b - a))
-
-
-def select_rate(model: EVC, q: float | None = None, q_scale: float | None = None,
-                rate_index: int | None = None) -> RateSpec:
-    """Resolve exactly one of ``q`` in [0,1] (0 = lowest-rate anchor, 1 = highest; piecewise log interpolation
-    between the anchors, so q = k/(n-1) is anchor k), ``q_scale`` (> 0, used directly) or ``rate_index``.
-    Nothing given means ``q = 1`` (the highest-quality anchor). The q_scale is rounded to float32, the precision
-    stored in the stream."""
-    given = [v is not None for v in (q, q_scale, rate_index)]
-    if sum(given) > 1:
-        raise ValueError("give only one of q, q_scale, rate_index")
-    anchors = model.anchors()
-    n = len(anchors)
-    if any(not (a > 0 and math.isfinite(a)) for a in anchors):
-        raise ValueError(f"model has invalid q_scale anchors {anchors}")
-    lams = list(SCALE_LAMBDAS) if n == len(SCALE_LAMBDAS) else [SCALE_LAMBDAS[0]] * n
-    if rate_index is not None:
-        if not 0 <= int(rate_index) < n:
-            raise ValueError(f"rate index must be in 0..{n - 1}, got {rate_index}")
-        i = int(rate_index)
-        return RateSpec(_f32(anchors[i]), i, lams[i])
-    if q_scale is not None:
-        if not (q_scale > 0 and math.isfinite(q_scale)):
-            raise ValueError(f"q_scale must be a positive number, got {q_scale}")
-        # lambda: place q_scale on the anchor curve (log domain), clamp to the ends
-        la = [math.log(a) for a in anchors]
-        lq = math.log(q_scale)
-        t = 0.0
-        if n > 1 and la[0] != la[-1]:
-            for i in range(n - 1):
-                lo, hi = la[i], la[i + 1]
-                if (lo - lq) * (hi - lq) <= 0 and lo != hi:
-                    t = i + (lq - lo) / (hi - lo)
-                    break
-            else:
-                t = 0.0 if abs(lq - la[0]) < abs(lq - la[-1]) else n - 1.0
-        return RateSpec(_f32(q_scale), 255, _interp_log(lams, t))
-    if q is None:
-        q = 1.0
-    if not (0.0 <= q <= 1.0):
-        raise ValueError(f"q must be in [0, 1], got {q}")
-    t = q * (n - 1)
-    idx = int(round(t)) if abs(t - round(t)) < 1e-9 else 255
-    if idx != 255:
-        return RateSpec(_f32(anchors[idx]), idx, lams[idx])
-    return RateSpec(_f32(_interp_log(anchors, t)), 255, _interp_log(lams, t))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,17 +99,13 @@ def select_rate(model: EVC, q: float | None = None, q_scale: float | None = None
 CodeFn = Callable[[torch.Tensor | None, torch.Tensor], torch.Tensor]
 
 
-def _curr_q64(model: EVC, q_scale: float) -> torch.Tensor:
-    return torch.clamp_min(model.q_basic.detach().to(torch.float64), 0.5) * float(q_scale)
-
-
-def _prior(eng: ReferenceEngine, z_hat64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _prior(eng: Engine, z_hat64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     params = eng.prior(z_hat64)
     q_step, scales, means = params.chunk(3, 1)
     return q_step, scales, means
 
 
-def _dual_prior(eng: ReferenceEngine, params: tuple[torch.Tensor, torch.Tensor, torch.Tensor], y2: torch.Tensor | None,
+def _dual_prior(eng: Engine, params: tuple[torch.Tensor, torch.Tensor, torch.Tensor], y2: torch.Tensor | None,
                 code: CodeFn) -> torch.Tensor:
     """Two-pass dual spatial prior. ``y2`` = y / curr_q in float64 (None when decoding). ``code(residual, scales)``
     codes/decodes/estimates one pass and returns the integer symbols as float64. Returns y_hat / curr_q."""
@@ -293,9 +155,9 @@ def _check_input(x: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def _estimate(model: EVC, eng: ReferenceEngine, y: torch.Tensor, q_scale: float) -> dict[str, torch.Tensor]:
+def _estimate(model: EVC, eng: Engine, y: torch.Tensor, q_scale: float) -> dict[str, torch.Tensor]:
     """Quantised forward from latents y (B,N,h,w): y_hat/curr_q, per-sample estimated bits and ideal z."""
-    curr_q = _curr_q64(model, q_scale)
+    curr_q = curr_q64(model, q_scale)
     y2 = y.to(torch.float64) / curr_q
     z_hat = torch.round(eng.hyper_enc(y2.to(torch.float32))).to(torch.float64)
     bits_z = _z_bits(model, z_hat)
@@ -318,7 +180,7 @@ def _z_bits(model: EVC, z_hat64: torch.Tensor) -> torch.Tensor:
     return torch.clamp_min(-torch.log2(p + 1e-5), 0.0).flatten(1).sum(1)
 
 
-def _synth(eng: ReferenceEngine, y_hat64: torch.Tensor, curr_q: torch.Tensor, exact: bool = True) -> torch.Tensor:
+def _synth(eng: Engine, y_hat64: torch.Tensor, curr_q: torch.Tensor, exact: bool = True) -> torch.Tensor:
     """Synthesis of y_hat. ``exact=True`` (default) uses the exact float64 twin, so the decoded image is identical
     for any thread count / process; ``exact=False`` is the faster float path (last-bit differences possible)."""
     if exact:
@@ -326,7 +188,7 @@ def _synth(eng: ReferenceEngine, y_hat64: torch.Tensor, curr_q: torch.Tensor, ex
     return eng.synthesis(y_hat64 * curr_q, False).clamp_(0.0, 1.0)
 
 
-def _choose(model: ScalableEVC, eng: ReferenceEngine, cands: torch.Tensor, xp: torch.Tensor,
+def _choose(model: ScalableEVC, eng: Engine, cands: torch.Tensor, xp: torch.Tensor,
             rate: RateSpec) -> int:
     """RD choice among candidates (reference 1.8): cost = lam*255^2*mse_sum_over_channels + bpp (padded pixels)."""
     k = cands.shape[0]
@@ -442,7 +304,7 @@ class _Coder:
 
 @torch.no_grad()
 def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = None, flags: int = 0,
-             return_recon: bool = False, engine: ReferenceEngine | None = None,
+             return_recon: bool = False, engine: Engine | None = None,
              overlap: bool | None = None) -> EncodeResult:
     """Encode one image ``x`` (1,3,H,W) in [0,1] to bytes.
 
@@ -453,7 +315,8 @@ def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = N
         enc_id: scalable models only: use encoders 0..enc_id (no RD choice).
         flags: header flags (bitstream.FLAG_*).
         return_recon: also synthesise the reconstruction (not part of the timed encoder).
-        engine: the networks to run (default :class:`ReferenceEngine`; :class:`evc.fast.FastEngine` is faster and
+        engine: the networks to run (default :class:`~maskdecay_examples.evc.engines.reference.ReferenceEngine`;
+            :class:`~maskdecay_examples.evc.engines.fast.FastEngine` is faster and
             gives the same entropy parameters).
         overlap: entropy-code on a CPU thread while the device computes the next entropy parameters (the stream is
             the same either way). Default: on CUDA devices, whose networks run asynchronously; on the CPU the
@@ -465,7 +328,7 @@ def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = N
     if x.shape[0] != 1:
         raise ValueError("compress codes one image at a time")
     dev = x.device
-    ctx = _context(model)
+    ctx = coding_context(model)
     eng = _engine(model, engine)
     H, W = x.shape[-2:]
     times: dict[str, float] = {}
@@ -477,7 +340,7 @@ def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = N
     if cands.shape[0] > 1:
         choice = _choose(model, eng, cands, xp, rate)  # type: ignore[arg-type]
     y = cands[choice] if choice is not None else cands[-1]
-    curr_q = _curr_q64(model, rate.q_scale)
+    curr_q = curr_q64(model, rate.q_scale)
     y2 = y.to(torch.float64) / curr_q
     z_hat = torch.round(eng.hyper_enc(y2.to(torch.float32))).to(torch.float64)
     if not (bool(torch.isfinite(y2).all()) and bool(torch.isfinite(z_hat).all())):
@@ -526,7 +389,7 @@ def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = N
 @torch.no_grad()
 def decompress(model: EVC, data: bytes, device: torch.device | str | None = None,
                max_pixels: int = MAX_DECODE_PIXELS, exact_synthesis: bool = True,
-               engine: ReferenceEngine | None = None) -> DecodeResult:
+               engine: Engine | None = None) -> DecodeResult:
     """Decode a stream produced by :func:`compress` with the same (decoder-side) weights.
 
     ``max_pixels`` refuses streams that declare larger images (protects memory against hostile headers).
@@ -541,7 +404,7 @@ def decompress(model: EVC, data: bytes, device: torch.device | str | None = None
     if hdr.width * hdr.height > max_pixels:
         raise bs.BitstreamError(f"image {hdr.width}x{hdr.height} exceeds the decoder limit of {max_pixels} pixels")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
-    ctx = _context(model)
+    ctx = coding_context(model)
     eng = _engine(model, engine)
     if hdr.weights_hash != ctx.weights_hash:
         inv = {v: k for k, v in ARCH_CODES.items()}
@@ -588,7 +451,7 @@ def decompress(model: EVC, data: bytes, device: torch.device | str | None = None
         raise bs.BitstreamError("corrupt payload (entropy decoder did not end in its initial state)")
     _sync(dev)
     t1 = time.perf_counter()
-    curr_q = _curr_q64(model, hdr.q_scale)
+    curr_q = curr_q64(model, hdr.q_scale)
     x_hat = _synth(eng, y_hat, curr_q, exact_synthesis)[..., :hdr.height, :hdr.width]
     _sync(dev)
     t2 = time.perf_counter()
@@ -601,7 +464,7 @@ def decompress(model: EVC, data: bytes, device: torch.device | str | None = None
 
 @torch.no_grad()
 def reconstruct(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = None,
-                engine: ReferenceEngine | None = None) -> dict[str, torch.Tensor]:
+                engine: Engine | None = None) -> dict[str, torch.Tensor]:
     """The model's own quantised forward pass (no entropy coding): reconstruction and estimated bits.
 
     Uses the same exact entropy-parameter path as :func:`compress`, so ``x_hat`` equals what the decoder produces.
@@ -623,71 +486,3 @@ def reconstruct(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None 
     x_hat = _synth(eng, est["y_hat"], est["curr_q"])[..., :H, :W]
     return {"x_hat": x_hat, "y_hat": est["y_hat"], "bits": est["bits_y"] + est["bits_z"],
             "bits_y": est["bits_y"], "bits_z": est["bits_z"]}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# image I/O
-# ---------------------------------------------------------------------------------------------------------------
-def load_image(path: str | os.PathLike[str]) -> tuple[torch.Tensor, int, str | None]:
-    """Read an image as (1,3,H,W) float32 in [0,1]. Greyscale and alpha inputs are converted to RGB.
-
-    Returns (tensor, header flags, note or None)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            flags = 0
-            note = None
-            if mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                arr = np.clip(arr / (65535.0 if arr.max() > 255 else 255.0), 0, 1)
-                arr = (arr * 255.0 + 0.5).astype(np.uint8)
-                im2 = Image.fromarray(arr, "L")
-                mode = "L"
-            else:
-                im2 = im
-            if mode in ("L", "LA", "1", "P", "PA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "RGBa", "La"):
-                has_alpha = "A" in mode or "a" in mode or (mode == "P" and "transparency" in im2.info)
-                grey = mode in ("L", "LA", "1", "La")
-                if grey:
-                    flags |= bs.FLAG_GREY
-                if has_alpha:
-                    flags |= bs.FLAG_ALPHA
-                parts = []
-                if grey:
-                    parts.append("greyscale replicated to RGB")
-                if has_alpha:
-                    parts.append("alpha channel dropped")
-                if not parts:
-                    parts.append(f"mode {mode} converted to RGB")
-                note = f"{os.fspath(path)}: " + ", ".join(parts)
-                im2 = im2.convert("RGB")
-            elif mode != "RGB":
-                raise ValueError(f"unsupported image mode {mode}")
-            arr = np.asarray(im2, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{os.fspath(path)}: cannot read image ({e.__class__.__name__})") from None
-    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).unsqueeze(0).to(torch.float32) / 255.0
-    return x, flags, note
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(1,3,H,W) float in [0,1] -> HxWx3 uint8 (round half up after clamping)."""
-    a = torch.clamp(x[0], 0, 1).mul(255.0).add(0.5).floor().to(torch.uint8)
-    return a.permute(1, 2, 0).cpu().numpy()
-
-
-def save_image(path: str | os.PathLike[str], x: torch.Tensor) -> None:
-    """Write (1,3,H,W) in [0,1] as an 8-bit RGB image, atomically. The format follows the extension (PNG default)."""
-    from PIL import Image
-
-    im = Image.fromarray(to_uint8(x), "RGB")
-    ext = os.path.splitext(os.fspath(path))[1].lower()
-    fmt = {".png": "PNG", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF", ".ppm": "PPM",
-           ".webp": "WEBP", ".jpg": "JPEG", ".jpeg": "JPEG"}.get(ext, "PNG")
-    buf = io.BytesIO()
-    kw = {"quality": 100} if fmt in ("JPEG", "WEBP") else {}
-    im.save(buf, format=fmt, **kw)
-    bs.atomic_write_bytes(path, buf.getvalue())

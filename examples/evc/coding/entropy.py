@@ -38,8 +38,6 @@ __all__ = [
     "gaussian_tables",
     "factorized_tables",
     "tables_crc",
-    "gaussian_bits",
-    "factorized_bits",
     "SymbolWriter",
     "SymbolReader",
     "StreamError",
@@ -189,22 +187,6 @@ def tables_crc(tables: Sequence[Table]) -> int:
         crc = zlib.crc32(np.int64(t.lo).tobytes(), crc)
         crc = zlib.crc32(t.freqs.astype("<i8").tobytes(), crc)
     return crc
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# rate estimates (the model's continuous formulas, as in the official code)
-# ---------------------------------------------------------------------------------------------------------------
-def gaussian_bits(residual: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """-log2(Phi((r+.5)/s) - Phi((r-.5)/s) + 1e-5), s clamped to [0.11, 1e10], clamped at >= 0."""
-    s = scales.clamp(0.11, 1e10)
-    p = torch.special.ndtr((residual + 0.5) / s) - torch.special.ndtr((residual - 0.5) / s)
-    return torch.clamp_min(-torch.log2(p + 1e-5), 0.0)
-
-
-def factorized_bits(bit_estimator: torch.nn.Module, z_hat: torch.Tensor) -> torch.Tensor:
-    """-log2(CDF(z+.5) - CDF(z-.5) + 1e-5), clamped at >= 0."""
-    p = bit_estimator(z_hat + 0.5) - bit_estimator(z_hat - 0.5)
-    return torch.clamp_min(-torch.log2(p + 1e-5), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .layers import (
+from ..models.layers import (
     ConvFFN,
     DepthConv,
     DepthConvBlock,
@@ -38,11 +38,12 @@ from .layers import (
     PriorDepthConvBlockUpsample,
 )
 
-__all__ = ["W_BITS", "pow2", "ExactNet", "quantize_rows", "chain"]
+__all__ = ["W_BITS", "MANTISSA_BITS", "pow2", "exponent", "ExactNet", "quantize_rows", "chain"]
 
 #: significant bits kept per weight row
 W_BITS = 20
-_MANT = 53
+#: significant bits of a float64: every exact product and partial sum stays below 2**MANTISSA_BITS
+MANTISSA_BITS = 53
 
 
 def pow2(k: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ def _maxabs(x: torch.Tensor, dim: int | tuple[int, ...], keepdim: bool = True) -
     return torch.maximum(hi, lo.neg())
 
 
-def _exponent(maxabs: torch.Tensor) -> torch.Tensor:
+def exponent(maxabs: torch.Tensor) -> torch.Tensor:
     """Integer e with maxabs < 2**e (e = 0 for maxabs = 0)."""
     _, e = torch.frexp(maxabs)
     return e.to(torch.int64)
@@ -72,7 +73,7 @@ def quantize_rows(w: torch.Tensor, bits: int = W_BITS) -> tuple[torch.Tensor, to
 
     Returns (integer-valued matrix with |entries| <= 2**bits, per-row exponent k such that w ~= wq * 2**k)."""
     maxabs = w.abs().amax(dim=1)
-    k = _exponent(maxabs) - bits
+    k = exponent(maxabs) - bits
     wq = torch.round(w * pow2(-k).unsqueeze(1))
     return wq, k
 
@@ -85,7 +86,7 @@ class _Lin:
             raise NotImplementedError("exact path supports only plain 1x1 convolutions here")
         w = conv.weight.detach().to(torch.float64).flatten(1)
         self.fan_in = w.shape[1]
-        self.a_bits = _MANT - W_BITS - max(1, math.ceil(math.log2(self.fan_in)))
+        self.a_bits = MANTISSA_BITS - W_BITS - max(1, math.ceil(math.log2(self.fan_in)))
         if self.a_bits < 8:
             raise ValueError(f"fan-in {self.fan_in} too large for exact evaluation")
         self.wq, k = quantize_rows(w)
@@ -102,7 +103,7 @@ class _Lin:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         xf = x.reshape(b, c, h * w)
-        e = _exponent(_maxabs(xf, 1)) - self.a_bits  # (b,1,hw)
+        e = exponent(_maxabs(xf, 1)) - self.a_bits  # (b,1,hw)
         xq = torch.mul(xf, pow2(-e)).round_()  # integers, |xq| <= 2**a_bits
         acc = torch.matmul(self.wq, xq)  # exact integer sums in float64
         out = acc.mul_(self.scale_w).mul_(pow2(e))  # two exact power-of-two scalings
@@ -124,7 +125,7 @@ class _Conv:
         self.pad = conv.padding
         self.groups = conv.groups
         self.fan_in = w[0].numel()
-        self.a_bits = _MANT - W_BITS - max(1, math.ceil(math.log2(self.fan_in)))
+        self.a_bits = MANTISSA_BITS - W_BITS - max(1, math.ceil(math.log2(self.fan_in)))
         wq, k = quantize_rows(w.flatten(1))
         self.wq = wq.view_as(w)
         self.scale_w = pow2(k).view(1, -1, 1, 1)
@@ -135,7 +136,7 @@ class _Conv:
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        e = _exponent(_maxabs(x, (1, 2, 3))) - self.a_bits
+        e = exponent(_maxabs(x, (1, 2, 3))) - self.a_bits
         xq = torch.mul(x, pow2(-e)).round_()
         acc = nn.functional.conv2d(xq, self.wq, padding=self.pad, groups=self.groups)
         return acc.mul_(self.scale_w).mul_(pow2(e)).add_(self.bias)
@@ -152,7 +153,7 @@ class _DWq:
                 or conv.padding != (1, 1) or conv.in_channels != conv.out_channels:
             raise NotImplementedError("exact path supports only stride-1 3x3 depthwise convolutions")
         w = conv.weight.detach().to(torch.float64)[:, 0]  # (C,3,3)
-        self.a_bits = _MANT - W_BITS - 4  # fan-in 9
+        self.a_bits = MANTISSA_BITS - W_BITS - 4  # fan-in 9
         wq, k = quantize_rows(w.flatten(1))
         self.wq = wq.view(-1, 3, 3)
         self.scale_w = pow2(k).view(1, -1, 1, 1)
@@ -164,7 +165,7 @@ class _DWq:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         _, c, h, w = x.shape
-        e = _exponent(_maxabs(x, (1, 2, 3))) - self.a_bits
+        e = exponent(_maxabs(x, (1, 2, 3))) - self.a_bits
         xp = nn.functional.pad(torch.mul(x, pow2(-e)).round_(), (1, 1, 1, 1))
         acc = torch.zeros_like(x)
         for i in range(3):

@@ -1,21 +1,19 @@
-"""CPU kernels of the fused float transforms (:mod:`evc.fast`): 1x1 and KxK convolutions with a fused activation,
+"""CPU kernels of the fused float transforms (:mod:`.fused`): 1x1 and KxK convolutions with a fused activation,
 and Winograd convolutions for wide 3x3 layers. Activations are NHWC tensors.
 
-Each kernel picks its backend per call from the shape, by rules measured on the project's 2-core AMD EPYC hosts
-with torch 2.13: a Zen 3 with AVX2 (docs/performance.md §3.5) and a Zen 4 with AVX-512 and BF16 (§3.8):
+Each kernel picks its backend per call from the shape (the thresholds come from ``benchmarks/evc_kernels.py`` on
+AVX2 and AVX-512 CPUs with torch 2.13; rerun it to tune them for another CPU):
 
-* 1x1 convolutions go to oneDNN's 1x1 convolution with the bias and the activation fused into its epilogue, on an
-  AVX2 CPU only those with many pixels and a wide side (the FFN expansions at high resolution): there the others stay
+* 1x1 convolutions go to oneDNN's 1x1 convolution with the bias and the activation fused into its epilogue. On an
+  AVX2 CPU only those with many pixels and a wide side (the FFN expansions at high resolution) do: the others stay
   one MKL ``addmm``, faster for the narrow and the low-resolution layers (e.g. everything at 1/16 resolution). On an
-  AVX-512 CPU (measured on the Zen 4 host only: AVX-512 is the feature that tells the two hosts apart, not an
-  established cause) oneDNN from 1,024 pixels on, and in bfloat16 at every size;
+  AVX-512 CPU oneDNN is faster from about a thousand pixels on, and in bfloat16 at every size;
 * dense 3x3 stride-1 convolutions with >= 128 input and output channels (:class:`Wide3x3`) use Winograd: below
   :data:`NNPACK_MIN_PX` output pixels our F(4x4, 3x3), 4x fewer multiplies in one batched GEMM with the transforms as
-  two small GEMMs (1.0-1.1x faster than oneDNN's direct convolution at 128 channels, 1.3-1.5x at 192; slower at 64,
-  which stays direct); from :data:`NNPACK_MIN_PX` on, where our transforms' 36x-wide intermediates no longer fit in
-  cache, NNPACK's transform-domain convolution (shipped in the torch CPU wheel, algorithm chosen by NNPACK; NCHW,
-  so the activations are transposed in and out in cache-sized blocks): 1.5x faster than oneDNN's direct
-  convolution at 192 channels and 256x384 pixels, 1.7x at 544x960;
+  two small GEMMs (faster than oneDNN's direct convolution from 128 channels on, slower at 64, which stays direct);
+  from :data:`NNPACK_MIN_PX` on, where our transforms' 36x-wide intermediates no longer fit in cache, NNPACK's
+  transform-domain convolution (shipped in the torch CPU wheel, algorithm chosen by NNPACK; NCHW, so the
+  activations are transposed in and out in cache-sized blocks);
 * every other convolution is oneDNN's, again with the activation fused.
 
 bfloat16 takes the oneDNN kernels (no Winograd) where the CPU computes it natively (AVX512_BF16 or AMX, see
@@ -31,13 +29,13 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
-import maskdecay as md
+from ...hostinfo import cpu_features
 
 __all__ = ["Act", "onednn_ok", "nnpack_ok", "native_bf16", "native_fp16", "apply_act_", "Pointwise", "ConvKxK",
            "Winograd3x3", "NNPACK3x3", "Wide3x3", "use_winograd", "nhwc_to_nchw", "nchw_to_nhwc"]
 
-#: this CPU's vector extensions (:func:`maskdecay.cpu_features`), read once at import
-_CPU_FEATURES = frozenset(md.cpu_features())
+#: this CPU's vector extensions (:func:`~maskdecay_examples.hostinfo.cpu_features`), read once at import
+_CPU_FEATURES = frozenset(cpu_features())
 
 #: an activation: None (identity), "relu", or the negative slope of a LeakyReLU
 Act = Union[None, str, float]
@@ -47,32 +45,28 @@ Act = Union[None, str, float]
 _ONEDNN_MIN_PX = 16384
 _ONEDNN_ALWAYS = 65536
 _ONEDNN_WIDE = 256
-#: on CPUs with AVX-512, oneDNN for every 1x1 layer (float32) from _ONEDNN_MIN_PX_AVX512 pixels on. Measured on the
-#: Zen 4 host (2 threads, networks-only forward at 768x512, 7 interleaved pairs, oneDNN faster in all 7): EVC_SS
-#: 457 -> 445 ms, EVC_LL 1,774 -> 1,750 ms; per layer at 1,536 pixels (1/16 resolution) 256->1024 4.42 -> 3.92 ms,
-#: but 0.60-0.95x addmm's speed for the hyper networks' layers at 96 and 384 pixels (0.1-0.7 ms each). On the Zen 3
-#: host (AVX2) MKL's addmm won below the thresholds above. Read at call time (tests switch it).
+#: on CPUs with AVX-512, oneDNN for every 1x1 layer (float32) from _ONEDNN_MIN_PX_AVX512 pixels on: faster than MKL's
+#: addmm there, slower for the hyper networks' layers at a few hundred pixels (on AVX2 CPUs addmm is faster below the
+#: thresholds above). Read at call time (tests switch it).
 _ONEDNN_ANY_SIZE = "avx512f" in _CPU_FEATURES
 _ONEDNN_MIN_PX_AVX512 = 1024
 #: Winograd for dense 3x3 stride-1 convolutions with at least this many input and output channels
 WINOGRAD_MIN_CHANNELS = 128
 #: from this many output pixels on, wide 3x3 convolutions go to NNPACK (where available; oneDNN's direct convolution
-#: otherwise). Measured 2026-11-26 (benchmarks/evc_kernels.py, 2 threads, best of 3), 192 channels, NNPACK / our
-#: F(4x4) / oneDNN direct: 256x384 315 / 407 / 473 ms, 128x192 77 / 98 / 117 ms, 64x96 30 / 23 / 30 ms; 128
-#: channels: 169 / 233 / 215, 46 / 52 / 51, 17 / 14 / 14 ms
+#: otherwise): below it our F(4x4) is faster, above it NNPACK (benchmarks/evc_kernels.py times all three routes)
 NNPACK_MIN_PX = 16384
 
 
 def native_bf16() -> bool:
     """Whether this CPU has bfloat16 dot-product instructions (AVX512_BF16 or AMX-BF16, read from /proc/cpuinfo by
-    :func:`maskdecay.cpu_features`). Without them oneDNN and ATen emulate bfloat16, slower than float32."""
+    :func:`~maskdecay_examples.hostinfo.cpu_features`). Without them oneDNN and ATen emulate bfloat16, slower than
+    float32."""
     return bool({"avx512_bf16", "amx_bf16"} & _CPU_FEATURES)
 
 
 def native_fp16() -> bool:
     """Whether this CPU has float16 arithmetic instructions (AVX512_FP16 or AMX-FP16). Without them float16 on the
-    CPU is emulated: the EVC_SS forward at 768x512 took 4.45 s in float16 against 0.57 s in float32 on the Zen 4
-    host (AVX512_BF16, no AVX512_FP16)."""
+    CPU is emulated, several times slower than float32."""
     return bool({"avx512_fp16", "amx_fp16"} & _CPU_FEATURES)
 
 
@@ -102,8 +96,8 @@ def _block(n: int) -> int:
 
 def nhwc_to_nchw(x: torch.Tensor) -> torch.Tensor:
     """(N, H, W, C) -> contiguous (N, C, H, W) in two cache-friendly passes: (b x C) blocks of pixels are transposed
-    first, then whole b-pixel runs are moved (ATen's one-pass permuted copy strides through memory: 101-110 ms for
-    98,304 pixels x 192 channels against 28-33 ms this way)."""
+    first, then whole b-pixel runs are moved (ATen's one-pass permuted copy strides through memory, several times
+    slower for large images)."""
     n, h, w, c = x.shape
     hw = h * w
     b = _block(hw)
@@ -265,7 +259,7 @@ class NNPACK3x3:
     """Dense 3x3 'same' stride-1 convolution through NNPACK (``torch._nnpack_spatial_convolution``; NNPACK picks
     its fast transform-domain algorithm) on NHWC tensors: blocked transposes to NCHW and back
     (:func:`nhwc_to_nchw`). Call only where :func:`nnpack_ok` holds. Relative error ~1e-5 against a direct
-    convolution (measured 1.6e-5 at 192 channels), like :class:`Winograd3x3`."""
+    convolution, like :class:`Winograd3x3`."""
 
     def __init__(self, w: torch.Tensor, b: torch.Tensor | None, act: Act = None) -> None:
         self.w = w.contiguous()

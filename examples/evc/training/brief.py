@@ -1,10 +1,11 @@
 """Brief training of a (small) EVC model, only to get realistic latent statistics for coder-overhead checks.
 
-A thin front end to ``evc train`` (:mod:`evc.train`) with the settings of the coder checks: straight-through
+A thin front end to ``evc train`` (:mod:`.train`) with the settings of the coder checks: straight-through
 rounding, constant learning rate, no validation, random crops from a folder of images. This is NOT the EVC
 training recipe (which is not published). Usage::
 
-    python -m evc.train_brief --data ../shared/data/kodak --arch mini_EVC_SS --steps 300 --out runs/evc_brief.pt
+    python -m maskdecay_examples.evc.training.brief --data ../shared/data/kodak --arch mini_EVC_SS --steps 300 \
+        --out runs/evc_brief.pt
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import tempfile
 
 import torch
 
+from ..models.architectures import EVC
+from ..models.zoo import save_model
 from .config import config_from_dict
-from .models import EVC, save_model
 from .train import train as run_train
 
 __all__ = ["train", "main"]
@@ -40,7 +42,8 @@ def train(data: str, arch: str = "mini_EVC_SS", steps: int = 300, batch: int = 8
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
-    ap = argparse.ArgumentParser(prog="python -m evc.train_brief", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m maskdecay_examples.evc.training.brief",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--arch", default="mini_EVC_SS")
     ap.add_argument("--steps", type=int, default=300)

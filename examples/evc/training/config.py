@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import maskdecay as md
 
-from .models import ARCHS, SCALE_LAMBDAS
+from ..models.architectures import ARCHS, SCALE_LAMBDAS
 
 #: students ``evc decay`` makes from an L/L teacher, and the regularizers it offers
 STUDENTS = ("EVC_ML", "EVC_SL", "EVC_LM", "EVC_LS", "EVC_MM", "EVC_SS", "EVC_MS")

@@ -17,26 +17,26 @@ Encoder-only (ML, SL), decoder-only (LM, LS) and both (MM, SS) students. Phases 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import Config, load_config
-from .models import ARCHS, EVC, WIDTHS, build_model, load_model, save_model
-from .train import (Dist, Hooks, RDObjective, _param_groups, add_common_args, close_distributed, run_training,
-                    setup_distributed)
+import maskdecay as md
+
+from ..models.architectures import ARCHS, EVC, WIDTHS
+from ..models.zoo import build_model, load_model, save_model
+from .config import Config
+from .train import Dist, Hooks, RDObjective, param_groups, run_training, setup_distributed
 
 log = logging.getLogger(__name__)
 
 __all__ = ["student_spec", "attach_masks", "stage_plan", "DistillObjective", "prepare_run", "make_optimizer",
-           "finish_command", "decay_and_export", "run_decay", "cmd_decay", "add_parser", "add_decay_args",
-           "decay_overrides"]
+           "frozen", "decay_and_export", "run_decay"]
 
 #: module index inside ``enc``/``dec`` -> stage (0 = C1 ... 2 = C3); the last stage (C4 = latent) is never pruned
 _STAGE = {"enc": {0: 0, 1: 0, 2: 1, 3: 1, 4: 2, 5: 2}, "dec": {1: 2, 2: 2, 3: 1, 4: 1, 5: 0, 6: 0}}
@@ -68,8 +68,6 @@ def student_spec(teacher: EVC, student: str) -> tuple[str, tuple[int, ...], tupl
 
 def attach_masks(model: EVC, reduce_enc: bool, reduce_dec: bool, side: int = 64) -> Any:
     """ChannelMasks on the analysis/synthesis transforms only (the entropy model is not traced, hence not masked)."""
-    import maskdecay as md
-
     ignored: list[nn.Module] = [model.enc[6], model.dec[0], model.dec[7]]
     if not reduce_enc:
         ignored.append(model.enc)
@@ -90,8 +88,6 @@ def stage_plan(masks: Any, teacher: EVC, enc: tuple[int, ...], dec: tuple[int, .
     """A width plan from per-stage widths: every group of stage i keeps ``size * student_i / teacher_i`` units.
 
     The group of a stage is found from the layers that *produce* its channels (all in one stage; checked)."""
-    import maskdecay as md
-
     widths = {}
     for g in masks.groups:
         stages = {_stage(m.name) for m in g.members if m.role == "out"}
@@ -148,15 +144,13 @@ class DistillObjective(RDObjective):
 
 
 def _regularizer(dc: Any) -> Any:
-    import maskdecay as md
-
     if not dc.strength or dc.regularizer == "hard":
         return dc.regularizer
-    cls = {"sparsity": md.SparsityLoss, "l1": md.L1, "l2": md.L2, "bn": md.BNScaleL1, "group_lasso": md.GroupLasso}
-    return cls[dc.regularizer](strength=dc.strength)
+    return md.regularizers.REGULARIZERS[dc.regularizer](strength=dc.strength)
 
 
-def _frozen(m: EVC) -> EVC:
+def frozen(m: EVC) -> EVC:
+    """``m`` in eval mode with every parameter frozen (a teacher, or a finished level of a scalable encoder)."""
     for p in m.parameters():
         p.requires_grad_(False)
     return m.eval()
@@ -170,27 +164,17 @@ def prepare_run(cfg: Config, command: str) -> tuple[Any, Dist, EVC]:
     d = setup_distributed(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    return cfg.decay, d, _frozen(load_model(cfg.decay.teacher, device=d.device))
+    return cfg.decay, d, frozen(load_model(cfg.decay.teacher, device=d.device))
 
 
 def make_optimizer(model: nn.Module, cfg: Config, state: dict[str, Any] | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters of ``model`` with the config's settings, optionally restored from
     ``state`` (an exported optimizer state)."""
-    opt = torch.optim.AdamW(_param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                             betas=tuple(cfg.optim.betas))  # type: ignore[arg-type]
     if state is not None:
         opt.load_state_dict(state)
     return opt
-
-
-def finish_command(done_message: str | None, out: str) -> int:
-    """The end of ``evc decay`` / ``evc rrl``: rank 0 prints ``done_message`` (None: stopped early, with how to
-    resume), the process group is closed; returns the exit code."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(done_message if done_message is not None
-              else f"stopped before the end; resume with --resume (outputs in {out})")
-    close_distributed()
-    return 0
 
 
 def decay_and_export(cfg: Config, model: EVC, teacher: EVC, masks: Any, plan: Any, phase_dir: str, d: Dist,
@@ -198,8 +182,6 @@ def decay_and_export(cfg: Config, model: EVC, teacher: EVC, masks: Any, plan: An
     """Run the decay phase on ``model`` (masked by ``masks``; only its trainable parameters are optimised), then
     ``md.export`` it in place. Returns (optimizer with remapped state, MaskDecay, run summary), or None if stopped
     before the masks reached 0."""
-    import maskdecay as md
-
     dc = cfg.decay
     decay = md.MaskDecay(masks, plan, steps=dc.steps, schedule=dc.schedule, regularizer=_regularizer(dc),
                          mask_lr=dc.mask_lr, mask_grad_clip=dc.mask_grad_clip or None)
@@ -223,8 +205,6 @@ def _decay_phase(cfg: Config, teacher: EVC, name: str, enc: tuple[int, ...], dec
                  d: Dist, resume: bool, stop_after: int | None, progress: bool) -> dict[str, Any] | None:
     """Mask decay, export, strict load into the plain student; returns the exported checkpoint dict (also written
     to ``OUT/exported.pt``), or None if stopped early."""
-    import maskdecay as md
-
     torch.manual_seed(cfg.train.seed)
     model = copy.deepcopy(teacher).train()
     for p in model.parameters():
@@ -285,41 +265,3 @@ def run_decay(cfg: Config, out_dir: str, resume: bool = False, stop_after: int |
     d.barrier()
     summary["path"] = final
     return summary
-
-
-def add_parser(sub: Any) -> None:
-    """Register ``evc decay`` on the CLI's subparsers."""
-    p = sub.add_parser("decay", help="mask decay of a teacher into a smaller EVC student, then fine-tuning")
-    add_decay_args(p, "teacher checkpoint")
-    p.add_argument("--student", default=None, help="EVC_ML, EVC_SL, EVC_LM, EVC_LS, EVC_MM, EVC_SS (decay.student)")
-    p.add_argument("--regularizer", default=None, help="sparsity, l1, l2, hard, bn, group_lasso (decay.regularizer)")
-    p.set_defaults(handler=cmd_decay)
-
-
-def add_decay_args(p: argparse.ArgumentParser, teacher: str, per: str = "") -> None:
-    """The options ``evc decay`` and ``evc rrl`` share: the common training ones, ``--teacher`` (described as
-    ``teacher``), ``--steps`` and ``--finetune-steps`` (``per``: e.g. " per level"); each overrides its ``decay.*``
-    key (see :func:`decay_overrides`)."""
-    add_common_args(p)
-    p.add_argument("--teacher", default=None, help=f"{teacher} (overrides decay.teacher)")
-    p.add_argument("--steps", type=int, default=None, help=f"decay-phase steps{per} (decay.steps)")
-    p.add_argument("--finetune-steps", type=int, default=None, help=f"fine-tuning steps{per} (decay.finetune_steps)")
-
-
-def decay_overrides(args: argparse.Namespace, keys: Sequence[str]) -> list[str]:
-    """``args.overrides`` preceded by ``decay.KEY=VALUE`` for each of ``keys`` given as a CLI flag (the explicit
-    ``--set`` items come last, so they win)."""
-    flags = [f"decay.{k}={json.dumps(getattr(args, k))}" for k in keys if getattr(args, k) is not None]
-    return [*reversed(flags), *args.overrides]
-
-
-def cmd_decay(args: argparse.Namespace) -> int:
-    """``evc decay``."""
-    sets = decay_overrides(args, ("teacher", "student", "regularizer", "steps", "finetune_steps"))
-    cfg = load_config(args.config, sets)
-    if cfg.decay is None:
-        raise ValueError("the config has no 'decay' section and no --teacher was given")
-    summary = run_decay(cfg, args.out, resume=args.resume, stop_after=args.stop_after,
-                        progress=not args.no_progress)
-    return finish_command(f"student {summary['student']} ({summary['plan_ratio']:.1%} of the teacher's transform "
-                          f"MACs) written to {summary['path']}" if summary["done"] else None, args.out)

@@ -5,11 +5,15 @@ import io
 import json
 import math
 import os
+import warnings
 from importlib import resources
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from pytorch_msssim import ms_ssim as _ms
+
+from ..fileio import atomic_write_bytes
 
 __all__ = [
     "psnr",
@@ -31,15 +35,13 @@ def ms_ssim(x_hat: torch.Tensor, x: torch.Tensor) -> float:
     """MS-SSIM (pytorch_msssim, data_range=1) on RGB; NaN for images smaller than the 5-scale minimum (161 px)."""
     if min(x.shape[-2:]) <= 160:
         return float("nan")
-    from pytorch_msssim import ms_ssim as _ms
-
     return float(_ms(x_hat.float(), x.float(), data_range=1.0))
 
 
 def official_names() -> list[str]:
     """Names of the shipped official curves, usable as ``official:<name>``."""
     out = []
-    for p in resources.files("evc").joinpath("data").iterdir():
+    for p in resources.files("maskdecay_examples.evc").joinpath("data").iterdir():
         n = p.name
         if n.startswith("official_") and n.endswith(".json"):
             out.append(n[len("official_"):-len(".json")])
@@ -52,7 +54,7 @@ def load_results(spec: str) -> dict[str, Any]:
         name = spec.split(":", 1)[1]
         if name not in official_names():
             raise ValueError(f"no official curve {name!r}; available: {', '.join(official_names())}")
-        text = resources.files("evc").joinpath("data", f"official_{name}.json").read_text()
+        text = resources.files("maskdecay_examples.evc").joinpath("data", f"official_{name}.json").read_text()
         src = spec
     else:
         if not os.path.isfile(spec):
@@ -90,7 +92,7 @@ def bd_rate(anchor: dict[str, Any], test: dict[str, Any], method: str = "akima",
     """(BD-rate in %, BD-PSNR in dB) of ``test`` against ``anchor`` via the ``bjontegaard`` package.
 
     ``method`` is the bjontegaard interpolation: "akima" (default), "pchip" or "cubic"."""
-    import bjontegaard as bd
+    import bjontegaard as bd  # here: it imports scipy, about 1 s of start-up
 
     ra, da = _curve(anchor, metric)
     rt, dt = _curve(test, metric)
@@ -108,8 +110,6 @@ def bd_or_nan(anchor: dict[str, Any], test: dict[str, Any], method: str = "pchip
               metric: str = "psnr") -> tuple[float, float]:
     """:func:`bd_rate` for tables: (nan, nan) where the BD values do not exist (too few points, curves that
     cannot be compared), and bjontegaard's warnings silenced (NaN BD-rate = the quality ranges do not overlap)."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -120,14 +120,10 @@ def bd_or_nan(anchor: dict[str, Any], test: dict[str, Any], method: str = "pchip
 
 def plot_rd(results: Sequence[dict[str, Any]], out: str, metric: str = "psnr", title: str | None = None) -> None:
     """Plot RD curves (bpp vs PSNR or MS-SSIM dB) to an image file, written atomically."""
-    import matplotlib
+    from matplotlib.figure import Figure  # here: matplotlib adds about 0.5 s to every command's start-up
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .bitstream import atomic_write_bytes
-
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig = Figure(figsize=(7, 5))
+    ax = fig.subplots()
     for d in results:
         r, q = _curve(d, metric)
         style = "--" if "official" in d["name"].lower() else "-"
@@ -141,5 +137,4 @@ def plot_rd(results: Sequence[dict[str, Any]], out: str, metric: str = "psnr", t
     buf = io.BytesIO()
     ext = os.path.splitext(out)[1].lower().lstrip(".") or "png"
     fig.savefig(buf, format=ext if ext in ("png", "pdf", "svg") else "png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
     atomic_write_bytes(out, buf.getvalue())

@@ -17,7 +17,6 @@ and resumes a decay phase exactly (an interrupted fine-tuning restarts from the 
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -26,13 +25,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import Config, load_config
-from .decay import (DistillObjective, _frozen, add_decay_args, attach_masks, decay_and_export, decay_overrides,
-                    finish_command, make_optimizer, prepare_run, stage_plan)
-from .models import EVC, WIDTHS, ScalableEVC, build_model, load_model, save_model
+import maskdecay as md
+
+from ..models.architectures import EVC, WIDTHS, ScalableEVC
+from ..models.zoo import build_model, load_model, save_model
+from .config import Config
+from .decay import DistillObjective, attach_masks, decay_and_export, frozen, make_optimizer, prepare_run, stage_plan
 from .train import run_training
 
-__all__ = ["scalable_name", "ResidualCandidate", "run_rrl", "add_parser", "cmd_rrl"]
+__all__ = ["scalable_name", "ResidualCandidate", "run_rrl"]
 
 
 def scalable_name(base: EVC) -> str:
@@ -77,10 +78,8 @@ def _composite(enc_widths: tuple[int, ...], base: EVC, enc_state: dict[str, torc
 def run_rrl(cfg: Config, base_path: str, out_dir: str, resume: bool = False, stop_after: int | None = None,
             progress: bool = True) -> dict[str, Any]:
     """Build the scalable model level by level (see the module docstring); returns a summary."""
-    import maskdecay as md
-
     dc, d, teacher = prepare_run(cfg, "rrl")
-    base = _frozen(load_model(base_path, device=d.device))
+    base = frozen(load_model(base_path, device=d.device))
     name = scalable_name(base)
     if base.N != teacher.N or any(b > t for b, t in zip(base.enc_widths, teacher.enc_widths)):
         raise ValueError(f"base {list(base.enc_widths)} (N={base.N}) does not fit under the teacher's encoder "
@@ -97,7 +96,7 @@ def run_rrl(cfg: Config, base_path: str, out_dir: str, resume: bool = False, sto
         if resume and os.path.exists(enc_path):
             scal.encs[k].load_state_dict(torch.load(enc_path, map_location="cpu", weights_only=True), strict=True)
             continue
-        previous = [_frozen(copy.deepcopy(scal.encs[j])) for j in range(k)]
+        previous = [frozen(copy.deepcopy(scal.encs[j])) for j in range(k)]
         exported = os.path.join(level_dir, "exported.pt")
         torch.manual_seed(cfg.train.seed + 1000 * k + 7919 * d.rank)
         if resume and os.path.exists(exported):
@@ -134,20 +133,3 @@ def run_rrl(cfg: Config, base_path: str, out_dir: str, resume: bool = False, sto
     d.barrier()
     summary.update(done=True, path=final)
     return summary
-
-
-def add_parser(sub: Any) -> None:
-    """Register ``evc rrl`` on the CLI's subparsers."""
-    p = sub.add_parser("rrl", help="scalable encoder (Scale_EVC_SS/SL) by residual representation learning")
-    add_decay_args(p, "large EVC_LL teacher checkpoint", per=" per level")
-    p.add_argument("--base", required=True, help="single-encoder student with an S encoder (EVC_SS or EVC_SL)")
-    p.set_defaults(handler=cmd_rrl)
-
-
-def cmd_rrl(args: argparse.Namespace) -> int:
-    """``evc rrl``."""
-    sets = decay_overrides(args, ("teacher", "steps", "finetune_steps"))
-    cfg = load_config(args.config, sets)
-    summary = run_rrl(cfg, args.base, args.out, resume=args.resume, stop_after=args.stop_after,
-                      progress=not args.no_progress)
-    return finish_command(f"{summary['arch']} written to {summary['path']}" if summary["done"] else None, args.out)

@@ -1,11 +1,11 @@
 """The EVC mask-decay study: students by mask decay (each regularizer) vs from scratch vs one-shot pruning, and RRL.
 
-``python -m evc.experiments.study run --teacher CKPT --out DIR`` trains and evaluates every run as a separate
-``evc`` process (``evc decay`` / ``evc train`` / ``evc rrl`` / ``evc eval``), several at a time (``--jobs``), each
+``python -m maskdecay_examples.evc.training.study run --teacher CKPT --out DIR`` trains and evaluates every run as a
+separate ``evc`` process (``evc decay`` / ``evc train`` / ``evc rrl`` / ``evc eval``), several at a time (``--jobs``), each
 as soon as what it needs exists; a finished run (its output file exists) is skipped, so an interrupted study
 resumes. ``--deadline`` stops starting new work after that many seconds (for time-limited machines).
-``python -m evc.experiments.study report DIR`` writes the tables (BD-rate vs the teacher, "gap closed") and the
-plots (RD curves per student, RRL levels, mask trajectories per regularizer) from the run folders.
+``python -m maskdecay_examples.evc.training.study report DIR`` writes the tables (BD-rate vs the teacher, "gap
+closed") and the plots (RD curves per student, RRL levels, mask trajectories per regularizer) from the run folders.
 
 Runs, for every student (``--students``, default MM and SS) and seed (``--seeds``):
 
@@ -38,10 +38,10 @@ from typing import Any
 
 import maskdecay as md
 
-from ..config import load_config
-from ..metrics import bd_or_nan, load_results, plot_rd
+from .config import load_config
+from .metrics import bd_or_nan, load_results, plot_rd
 
-log = logging.getLogger("evc.study")
+log = logging.getLogger(__name__)
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 METHODS = ("sparsity", "l1", "l2", "hard", "oneshot", "scratch", "scratch_long")
@@ -60,7 +60,7 @@ class Job:
 
 def plan_jobs(a: argparse.Namespace) -> list[Job]:
     """Every training and evaluation job of the study, in priority order."""
-    py = [sys.executable, "-m", "evc", "--debug"]
+    py = [sys.executable, "-m", "maskdecay_examples.evc", "--debug"]
     out = a.out
     dc = load_config(a.student_config, a.overrides).decay
     teacher_steps = load_config(a.scratch_config, a.overrides).train.steps
@@ -256,7 +256,8 @@ def report(out: str, md_path: str | None, img_dir: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evc.experiments.study", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m maskdecay_examples.evc.training.study",
+                                 description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train and evaluate every run (resumable)")
     r.add_argument("--teacher", required=True, help="teacher checkpoint (evc train output, e.g. mini_EVC_LL)")

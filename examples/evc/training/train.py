@@ -12,7 +12,6 @@ checkpoint state through :class:`Hooks`.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import logging
@@ -27,14 +26,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import Config, load_config
+import maskdecay as md
+
+from ..models.architectures import EVC
+from ..models.zoo import build_model, save_model
+from .config import Config
 from .data import RandomCropBatches, StepSampler, load_val_images
-from .models import EVC, build_model, save_model
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RDObjective", "Hooks", "Dist", "setup_distributed", "close_distributed", "run_training", "validate",
-           "train", "add_common_args", "main"]
+           "train", "param_groups"]
 
 #: checkpoint format version (bumped when the layout changes)
 CKPT_FORMAT = 1
@@ -166,7 +168,7 @@ def validate(codec: EVC, images: torch.Tensor) -> dict[str, list[float]]:
 _NO_DECAY = ("q_scale", "q_basic", "bit_estimator_z.")
 
 
-def _param_groups(codec: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(codec: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on conv weights only (not biases, rate parameters or the z entropy model)."""
     dec, no = [], []
     for name, p in codec.named_parameters():
@@ -250,7 +252,7 @@ def run_training(cfg: Config, objective: RDObjective, out_dir: str, d: Dist, ste
     continues from it exactly (weights, optimizer, LR schedule, GradScaler, RNG of every rank, step, extra state).
     ``stop_after`` ends the run after that step without a final checkpoint (a simulated kill, for tests).
     ``optimizer`` replaces the default AdamW (it must hold the codec's parameters). ``save_init`` also writes the
-    untrained weights to ``init.pt`` (the baseline of the acceptance comparison); ``save_final=False`` skips
+    untrained weights to ``init.pt`` (the untrained baseline a result can be compared with); ``save_final=False`` skips
     ``model.pt`` (used when the weights are meaningless without extra state, e.g. masks).
     """
     hooks = hooks or Hooks()
@@ -258,7 +260,7 @@ def run_training(cfg: Config, objective: RDObjective, out_dir: str, d: Dist, ste
     steps = steps or t_cfg.steps
     codec = objective.codec
     objective.to(d.device)
-    opt = optimizer or torch.optim.AdamW(_param_groups(codec, cfg.optim.weight_decay), lr=cfg.optim.lr,
+    opt = optimizer or torch.optim.AdamW(param_groups(codec, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                          betas=tuple(cfg.optim.betas))  # type: ignore[arg-type]
     for g in opt.param_groups:
         g.setdefault("initial_lr", cfg.optim.lr)
@@ -408,8 +410,6 @@ def _save_checkpoint(path: str, cfg: Config, codec: EVC, opt: torch.optim.Optimi
           "train_config": cfg.to_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
           "scaler": scaler.state_dict(), "rng": rng, "step": step, "steps": steps, "skipped": skipped,
           "world_size": d.world, "extra": hooks.state() if hooks.state is not None else {}}
-    import maskdecay as md  # imported here: keeps `evc encode/decode` start-up free of the pruning library
-
     md.atomic_save(ck, path)
     d.barrier()
 
@@ -429,49 +429,3 @@ def train(cfg: Config, out_dir: str, resume: bool = False, stop_after: int | Non
     summary = run_training(cfg, RDObjective(codec, cfg.train.lambdas, cfg.train.quant), out_dir, d,
                            resume=resume, stop_after=stop_after, progress=progress, save_init=True)
     return codec.eval(), summary
-
-
-def add_common_args(p: argparse.ArgumentParser) -> None:
-    """Arguments shared by ``evc train`` and ``evc decay``."""
-    p.add_argument("--config", default=None, help="YAML config (see examples/evc/configs/)")
-    p.add_argument("--out", required=True, help="output folder (checkpoints, log.jsonl, model.pt)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set train.steps=100")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # simulated kill (tests)
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
-
-
-def add_parser(sub: Any) -> None:
-    """Register ``evc train`` on the CLI's subparsers."""
-    p = sub.add_parser("train", help="variable-rate RD training of an EVC model (torchrun for DDP)")
-    add_common_args(p)
-    p.set_defaults(handler=cmd_train)
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    """``evc train``."""
-    cfg = load_config(args.config, args.overrides)
-    _, summary = train(cfg, args.out, resume=args.resume, stop_after=args.stop_after,
-                       progress=not args.no_progress)
-    if int(os.environ.get("RANK", "0")) == 0:
-        val = summary["val"]
-        msg = f"trained {cfg.model.arch} to step {summary['step']}/{summary['steps']} in {summary['seconds']:.0f} s"
-        msg += f" ({summary['skipped']} steps skipped); outputs in {args.out}"
-        print(msg)
-        if val:
-            print("validation (estimated bpp / PSNR per anchor): " + ", ".join(
-                f"{b:.3f}/{p:.2f}" for b, p in zip(val["bpp"], val["psnr"])))
-    close_distributed()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m evc.train`` (same as ``evc train``)."""
-    from .cli import main as cli_main
-
-    return cli_main(["train", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
