@@ -175,8 +175,8 @@ def _cpu_kernels() -> dict[str, bool]:
 
 def sgemm_probe(size: int = 1024, reps: int = 5) -> float:
     """The machine's current float32 GEMM rate in GFLOP/s (best of ``reps`` square ``size`` matmuls with torch's
-    thread setting): recorded before and after a CPU bench, because a shared host's speed drifts (docs/performance.md
-    saw the same forward take 0.58 s and 0.83 s within an hour), so absolute times can be read against it."""
+    thread setting): recorded before and after a CPU bench, because a shared host's speed drifts by tens of percent
+    within an hour, so absolute times can be read against it."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(size, size, generator=g), torch.randn(size, size, generator=g)
     a @ b

@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from ..coding.codec import compress
 from ..coding.rate import select_rate
@@ -134,8 +135,6 @@ def run_fuzz(cases: int, seed: int = 0, workdir: str | None = None, progress: bo
         t_start = time.perf_counter()
         bar = None
         if progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=cases, desc="fuzz", unit="case", file=sys.stderr)
         for n in range(cases):
             kind, bad = corrupt(data, rng)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 import maskdecay as md
 
@@ -128,10 +129,8 @@ def setup_distributed(device: str = "auto") -> Dist:
 def close_distributed() -> None:
     """Leave the process group, if this process joined one. DDP's reducer lives in a reference cycle, so it can
     outlive the training function; a gloo worker thread that still holds its Python objects when the interpreter
-    shuts down aborts the process ("terminate called without an active exception": 6 of 16 torchrun runs of a
-    five-line DDP script, torch 2.13 CPU; 4 of 12 of tests/ddp_worker.py). Collecting the garbage first frees the
-    reducer while the interpreter is whole (0 of 16 for both). ``evc train``'s own torchrun test did not show the
-    abort (8 of 8 passed without this); it is here because the same DDP objects are in its cycles."""
+    shuts down can abort the process ("terminate called without an active exception"). Collecting the garbage first
+    frees the reducer while the interpreter is whole."""
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
@@ -323,8 +322,6 @@ def run_training(cfg: Config, objective: RDObjective, out_dir: str, d: Dist, ste
     params = [p for g in opt.param_groups for p in g["params"]]
     bar = None
     if d.main and progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=steps, initial=start, desc=desc, file=sys.stderr, dynamic_ncols=True)
     logf = open(log_path, "a") if d.main else None
     if logf is not None and start:
