@@ -1,4 +1,4 @@
-"""Plots of mask trajectories and regularizer comparisons (matplotlib with the file-only Agg backend, written to files).
+"""Plots of mask trajectories and regularizer comparisons (matplotlib, file-only Agg canvas, written to files).
 
 matplotlib is imported by the plotting functions, not by this module: ``import maskdecay`` stays free of it."""
 from __future__ import annotations
