@@ -19,6 +19,7 @@ def _config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+# each command imports its modules when it runs: `--help` and config errors stay fast (no Torch-Pruning, no data code)
 def _cmd_train(args: argparse.Namespace) -> None:
     from .pipeline import load_data
     from .training import teacher

@@ -26,6 +26,8 @@ from typing import Any
 
 import maskdecay as md
 
+from .models import build
+
 MASK_METHODS: dict[str, str] = {
     "sparsity": "sparsity", "l1": "l1", "l2": "l2", "bn_l1": "bn", "group_lasso": "group_lasso", "hard": "hard"}
 """Mask-decay methods of the example -> maskdecay regularizer names."""
@@ -150,7 +152,6 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"device: use cpu or cuda[:N], got {cfg.device!r}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads: a positive number (or null), got {cfg.threads}")
-    from .models import build
     try:
         build(cfg.model.arch)
     except ValueError as e:

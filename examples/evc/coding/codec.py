@@ -88,6 +88,8 @@ def coding_context(model: EVC) -> CodingContext:
 def _engine(model: EVC, engine: Engine | None) -> Engine:
     if engine is None:
         return ReferenceEngine(model)
+    if not isinstance(engine, Engine):
+        raise TypeError(f"engine must implement the Engine interface, got {type(engine).__name__}")
     if engine.model is not model or engine.key != state_key(model):
         raise ValueError("the engine was built for another model or for weights that have changed since: rebuild it")
     return engine
