@@ -119,7 +119,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="fast path: torch.compile the float transforms")
     p.add_argument("--cuda-graphs", action="store_true", help="fast path on CUDA: replay captured graphs")
     p.add_argument("--no-kernels", action="store_true",
-                   help="fast path without the CPU kernels of evc.kernels (oneDNN epilogue fusion, Winograd, NNPACK)")
+                   help="fast path without its CPU kernels (oneDNN epilogue fusion, Winograd, NNPACK)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--runs", type=int, default=3, help="timed repetitions (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default 1)")
