@@ -19,18 +19,18 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 # ResNet-20 on CIFAR-10: mask decay (sparsity, L1, L2) vs Torch-Pruning at 50 % and 30 % MACs (docs/resnet_results.md).
-# The small quick-start demo of docs/quickstart.md: python examples/quickstart/demo.py
+# The small quick-start demo of docs/quickstart.md: python -m maskdecay_examples.quickstart.demo
 # The demo prunes the study's converged ResNet-20 teacher (DEMO_TEACHER) when it is there; `make demo RETRAIN=1`
 # trains a short teacher from scratch instead.
 DEMO_TEACHER ?= benchmarks/resnet_study/teacher.pt
 DEMO_SETS := $(if $(RETRAIN),,$(if $(wildcard $(DEMO_TEACHER)),--set teacher.checkpoint=$(DEMO_TEACHER) --set name=demo-converged))
 
 demo: $(STAMP)
-	$(BIN)/python -m resnet prune --config examples/resnet/configs/demo.yaml $(DEMO_SETS)
+	$(BIN)/python -m maskdecay_examples.resnet prune --config examples/resnet/configs/demo.yaml $(DEMO_SETS)
 
 # EVC end to end at a tiny scale: train -> decay to EVC_SS -> RRL -> Kodak real bitstreams -> RD plot, BD-rates
 evc-demo: $(STAMP)
-	$(BIN)/python -m evc.demo --out runs/evc_demo
+	$(BIN)/python -m maskdecay_examples.evc.cli.demo --out runs/evc_demo
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

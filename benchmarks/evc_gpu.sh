@@ -9,7 +9,7 @@
 # files are also packed into OUT_DIR/json.tar. Set DEVICE=cpu and SMALL=1 to dry-run the script on a CPU machine.
 # SET=compile runs a shorter set instead: the CUDA tests, fp32 reference vs fast at the first size for EVC_SS and
 # EVC_LL, then `--compile` (fp32 against the reference, fp16 alone, fp16 + CUDA graphs for comparison).
-# Without an installed package, run it from the repository root: it puts the repo and examples/ on PYTHONPATH.
+# Needs the installed package (make setup; PYTHON=.venv/bin/python); run it from the repository root.
 set -u
 OUT=${1:?usage: benchmarks/evc_gpu.sh OUT_DIR [IMAGES_DIR] [MODEL]}
 IMAGES=${2:-../shared/data/kodak}
@@ -21,7 +21,7 @@ DEVICE=${DEVICE:-cuda}
 DEADLINE_S=${DEADLINE_S:-420}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT/json"
-export PYTHONPATH="$PWD:$PWD/examples${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 LOG="$OUT/log.txt"
 START=$(date +%s)
 
@@ -43,11 +43,11 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
 
 bench() {  # bench TAG ARGS...
     local tag=$1; shift
-    step "bench $tag" 150 $PY -m evc bench --device "$DEVICE" --runs "$RUNS" --warmup 2 --json "$OUT/json/bench_$tag.json" "$@"
+    step "bench $tag" 150 $PY -m maskdecay_examples.evc bench --device "$DEVICE" --runs "$RUNS" --warmup 2 --json "$OUT/json/bench_$tag.json" "$@"
 }
 if [[ "${SET:-full}" == compile ]]; then
     for arch in "${ARCHS[0]}" "${ARCHS[-1]}"; do bench "${arch}_${SIZES[0]}_fp32" --arch "$arch" --size "${SIZES[0]}"; done
-    step "bench compile fp32" 240 $PY -m evc bench --device "$DEVICE" --runs "$RUNS" --warmup 2 --arch "${ARCHS[0]}" \
+    step "bench compile fp32" 240 $PY -m maskdecay_examples.evc bench --device "$DEVICE" --runs "$RUNS" --warmup 2 --arch "${ARCHS[0]}" \
         --size "${SIZES[0]}" --compile --json "$OUT/json/bench_${ARCHS[0]}_${SIZES[0]}_fp32_compile.json"
     [[ "$DEVICE" == cuda* ]] && for extra in "--compile" "--cuda-graphs"; do
         bench "${ARCHS[0]}_${SIZES[0]}_fp16${extra/--/_}" --arch "${ARCHS[0]}" --size "${SIZES[0]}" --dtype fp16 \
@@ -66,12 +66,12 @@ for size in "${SIZES[@]}"; do
             --cuda-graphs --no-reference
     done
     if [[ "$size" == "${SIZES[0]}" ]]; then
-        step precision 240 $PY -m evc.bench precision --dataset "$IMAGES" --model "$MODEL" --device "$DEVICE" \
+        step precision 240 $PY -m maskdecay_examples.evc.cli.precision --dataset "$IMAGES" --model "$MODEL" --device "$DEVICE" \
             --limit "$LIMIT_IMG" --json "$OUT/json/precision.json"
         first=$(ls "$IMAGES"/*.png | head -n 1)
-        step "encode on $DEVICE" 60 $PY -m evc encode "$first" "$OUT/gpu.evc" --model "$MODEL" --device "$DEVICE" \
+        step "encode on $DEVICE" 60 $PY -m maskdecay_examples.evc encode "$first" "$OUT/gpu.evc" --model "$MODEL" --device "$DEVICE" \
             --rate-index 3
-        step "decode on $DEVICE" 60 $PY -m evc decode "$OUT/gpu.evc" "$OUT/gpu_decoded.png" --model "$MODEL" \
+        step "decode on $DEVICE" 60 $PY -m maskdecay_examples.evc decode "$OUT/gpu.evc" "$OUT/gpu_decoded.png" --model "$MODEL" \
             --device "$DEVICE"
     fi
 done

@@ -1,5 +1,5 @@
 """Would int8 make the EVC float transforms faster on this CPU? PyTorch's quantized CPU kernels (fbgemm / x86
-engine) against the fp32 fast path, measured in one run. A probe for docs/performance.md §4, not a codec path:
+engine) against the fp32 fast path, measured in one run. A probe, not a codec path:
 EVC has no int8 mode.
 
     .venv/bin/python benchmarks/evc_int8.py [--arch EVC_SS] [--size 768x512] [--threads 2] [--rounds 5]
@@ -8,7 +8,7 @@ EVC has no int8 mode.
 Two tables:
 
 1. every distinct 1x1 layer shape of the arch's networks-only forward: the fp32 route of the fast path
-   (``evc.kernels.Pointwise``: oneDNN 1x1 with fused epilogue where its rule picks it, else MKL ``addmm``), int8
+   (``kernels.Pointwise``: oneDNN 1x1 with fused epilogue where its rule picks it, else MKL ``addmm``), int8
    with dynamic activation quantisation (float in and out: ``quantized::linear_dynamic``) and static int8 (quint8
    in and out, scales given: ``quantized::linear``, the kernel alone); best of ``--rounds`` interleaved calls;
 2. the analysis ``enc`` and synthesis ``dec`` as eager FX graph-mode static int8 (``torch.ao.quantization``, the
@@ -31,11 +31,12 @@ from typing import Any
 
 import torch
 
-from evc import build_model, load_model
-from evc.bench import synthetic_image
-from evc.fast import FastTransform, tune_allocator
-from evc.kernels import Pointwise
-from evc_kernels import _best, _interleaved, finish, layer_shapes
+from bench_common import best, finish, interleaved, layer_shapes
+from maskdecay_examples.evc.cli.benchmark import synthetic_image
+from maskdecay_examples.evc.engines.allocator import tune_allocator
+from maskdecay_examples.evc.engines.fused import FastTransform
+from maskdecay_examples.evc.engines.kernels import Pointwise
+from maskdecay_examples.evc.models.zoo import build_model, load_model
 
 
 def bench_gemms(shapes: set[tuple[int, int, int]], rounds: int) -> list[dict[str, Any]]:
@@ -50,7 +51,7 @@ def bench_gemms(shapes: set[tuple[int, int, int]], rounds: int) -> list[dict[str
                                         torch.qint8)
         packed = torch.ops.quantized.linear_prepack(qw, b)
         qx = torch.quantize_per_tensor(x, float(x.abs().max()) / 127, 128, torch.quint8)
-        t = _best({"fp32": lambda: fp32(x),
+        t = best({"fp32": lambda: fp32(x),
                    "dynamic": lambda: torch.ops.quantized.linear_dynamic(x, packed, True),
                    "static": lambda: torch.ops.quantized.linear(qx, packed, 0.05, 128)}, rounds)
         flop = 2 * n * cin * cout
@@ -87,7 +88,7 @@ def bench_transforms(model: Any, x: torch.Tensor, rounds: int) -> dict[str, Any]
     inp = x.contiguous(memory_format=torch.channels_last)
     for name, module in (("enc", model.enc), ("dec", model.dec)):
         fp32, q8 = FastTransform(module), _int8(module, inp)
-        times = _interleaved({"fp32": lambda: fp32(inp), "int8": lambda: q8(inp)}, rounds)
+        times = interleaved({"fp32": lambda: fp32(inp), "int8": lambda: q8(inp)}, rounds)
         ref, out = fp32(inp), q8(inp)
         res[name] = {"fp32_s": statistics.median(times["fp32"]), "int8_s": statistics.median(times["int8"]),
                      "rel_err": float((out - ref).norm() / ref.norm()), "runs": times}

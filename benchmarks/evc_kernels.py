@@ -1,4 +1,5 @@
-"""The CPU kernels of the EVC fast path (evc.kernels) against the plain executor, measured in one run.
+"""The CPU kernels of the EVC fast path (``maskdecay_examples.evc.engines.kernels``) against the plain executor,
+measured in one run.
 
     .venv/bin/python benchmarks/evc_kernels.py [--arch EVC_SS EVC_LL] [--size 768x512] [--threads 2]
                                                [--rounds 5] [--json out.json]
@@ -19,59 +20,22 @@ Random weights (seed 0) and the bench's synthetic image; ratios are the meaningf
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
-import time
 from typing import Callable
 
 import torch
 
-from evc import build_model, kernels
-from evc.bench import _forward_fn, synthetic_image
-from evc.fast import FastEngine, FastExactNet, tune_allocator
-from evc.kernels import ConvKxK, NNPACK3x3, Pointwise, Wide3x3, Winograd3x3, nnpack_ok, onednn_ok, use_winograd
-
-
-def _interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
-    """Seconds per call of each function over ``rounds`` interleaved rounds (f1, f2, f1, f2, ...), after one
-    warm-up call each."""
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return times
-
-
-def _best(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Best time of each function over interleaved rounds, in ms."""
-    return {k: min(v) * 1e3 for k, v in _interleaved(fns, rounds).items()}
-
-
-def layer_shapes(arch: str, h: int, w: int) -> tuple[set[tuple[int, int, int]], set[tuple[int, int, int, int]]]:
-    """(pixels, in, out) of every 1x1 conv and (h, w, in, out) of every Winograd-eligible 3x3 conv of a forward."""
-    model = build_model(arch).eval()
-    pw: set[tuple[int, int, int]] = set()
-    w3: set[tuple[int, int, int, int]] = set()
-
-    def hook(mod: torch.nn.Module, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
-        x = inp[0]
-        if mod.kernel_size == (1, 1) and mod.groups == 1 and mod.stride == (1, 1):
-            pw.add((x.shape[0] * x.shape[2] * x.shape[3], mod.in_channels, mod.out_channels))
-        elif mod.kernel_size == (3, 3) and mod.groups == 1 and mod.stride == (1, 1):
-            w3.add((x.shape[2], x.shape[3], mod.in_channels, mod.out_channels))
-
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    with torch.no_grad():
-        _forward_fn(model, torch.rand(1, 3, h, w), None)()
-    for hk in hooks:
-        hk.remove()
-    return pw, w3
+from bench_common import best, finish, interleaved, layer_shapes
+from maskdecay_examples.evc.cli.benchmark import forward_fn, synthetic_image
+from maskdecay_examples.evc.engines import kernels
+from maskdecay_examples.evc.engines.allocator import tune_allocator
+from maskdecay_examples.evc.engines.fast import FastEngine
+from maskdecay_examples.evc.engines.fast_exact import FastExactNet
+from maskdecay_examples.evc.engines.kernels import (ConvKxK, NNPACK3x3, Pointwise, Wide3x3, Winograd3x3, nnpack_ok,
+                                                    onednn_ok, use_winograd)
+from maskdecay_examples.evc.models.zoo import build_model
 
 
 def bench_layers(shapes_pw: set, shapes_w3: set, rounds: int) -> list[dict]:
@@ -83,7 +47,7 @@ def bench_layers(shapes_pw: set, shapes_w3: set, rounds: int) -> list[dict]:
         plain, fused = Pointwise(wt, b, 0.01, onednn=False), Pointwise(wt, b, 0.01, onednn=True)
         if not fused.uses_onednn(n):
             continue
-        t = _best({"plain": lambda: plain(x), "kernel": lambda: fused(x)}, rounds)
+        t = best({"plain": lambda: plain(x), "kernel": lambda: fused(x)}, rounds)
         rows.append({"layer": f"1x1 {cin}->{cout}", "shape": f"{n} px", "plain_ms": t["plain"],
                      "kernel_ms": t["kernel"], "route": "oneDNN 1x1 + fused bias/act"})
     cpu32 = (torch.device("cpu"), torch.float32)
@@ -95,7 +59,7 @@ def bench_layers(shapes_pw: set, shapes_w3: set, rounds: int) -> list[dict]:
         kerns = {"plain": ConvKxK(wt, b, (1, 1), (1, 1), 1, 0.01, onednn=onednn), "winograd": Winograd3x3(wt, b, 0.01)}
         if nnpack:
             kerns["nnpack"] = NNPACK3x3(wt, b, 0.01)
-        t = _best({k: (lambda kern=kern: kern(x)) for k, kern in kerns.items()}, rounds)
+        t = best({k: (lambda kern=kern: kern(x)) for k, kern in kerns.items()}, rounds)
         chosen = use_winograd(conv, *cpu32)
         wide = Wide3x3(wt, b, 0.01, onednn=onednn, nnpack=nnpack).backend(h * w)
         key = {Winograd3x3: "winograd", NNPACK3x3: "nnpack", ConvKxK: "plain"}[type(wide)] if chosen else "plain"
@@ -125,9 +89,9 @@ def bench_forward(arch: str, h: int, w: int, rounds: int) -> dict:
     model = build_model(arch).eval()
     x = synthetic_image(w, h)
     on = FastEngine(model, kernels=True)
-    times = _interleaved({"off": _forward_fn(model, x, FastEngine(model, kernels=False)),
-                          "no_nnpack": _without_nnpack(_forward_fn(model, x, on)),
-                          "on": _forward_fn(model, x, on)}, rounds)
+    times = interleaved({"off": forward_fn(model, x, FastEngine(model, kernels=False)),
+                          "no_nnpack": _without_nnpack(forward_fn(model, x, on)),
+                          "on": forward_fn(model, x, on)}, rounds)
     return {"arch": arch, "off_s": statistics.median(times["off"]), "on_s": statistics.median(times["on"]),
             "no_nnpack_s": statistics.median(times["no_nnpack"]), "runs": times}
 
@@ -140,17 +104,9 @@ def bench_exact_synthesis(arch: str, h: int, w: int, rounds: int) -> dict:
     nets = {"one band": FastExactNet(model.dec, band_bytes=1 << 62), "banded": FastExactNet(model.dec)}
     if not torch.equal(nets["one band"](y), nets["banded"](y)):
         raise AssertionError("banded exact synthesis differs from the unbanded one")
-    times = _interleaved({k: (lambda n=n: n(y)) for k, n in nets.items()}, rounds)
+    times = interleaved({k: (lambda n=n: n(y)) for k, n in nets.items()}, rounds)
     return {"arch": arch, "one_band_s": statistics.median(times["one band"]),
             "banded_s": statistics.median(times["banded"]), "runs": times}
-
-
-def finish(res: dict, path: str | None) -> None:
-    """Record the load average after the run and write ``res`` to ``path`` as JSON (when given)."""
-    res["load_after"] = os.getloadavg()[0]
-    if path:
-        with open(path, "w") as f:
-            json.dump(res, f, indent=2)
 
 
 def main() -> None:

@@ -1,5 +1,7 @@
 """Training-step time of a masked vs a plain model (ResNet-56 on 32x32, batch 64, CPU), measured in one run.
 
+The model is the ResNet example's CIFAR ResNet (:mod:`maskdecay_examples.resnet.models`), randomly initialised.
+
     .venv/bin/python benchmarks/overhead.py [--steps 20] [--json out.json]
 
 Plain and masked steps are interleaved (plain, masked, plain, ...) so machine noise hits both equally; the table
@@ -10,17 +12,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-import maskdecay as md  # noqa: E402
-from nets import resnet_cifar  # noqa: E402
+import maskdecay as md
+from maskdecay_examples.hostinfo import cpu_label
+from maskdecay_examples.resnet.models import build
 
 
 def step_time(model, opt, x, y, decay=None) -> float:
@@ -47,7 +47,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    plain = resnet_cifar(args.depth).train().to(memory_format=torch.channels_last)
+    plain = build(f"resnet{args.depth}").train().to(memory_format=torch.channels_last)
     masked = copy.deepcopy(plain)
     x = torch.randn(args.batch, 3, 32, 32).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,))
@@ -65,7 +65,8 @@ def main() -> None:
     mp, mm = statistics.median(tp), statistics.median(tm)
     res = {"model": f"resnet{args.depth}", "batch": args.batch, "threads": torch.get_num_threads(),
            "plain_ms": mp * 1e3, "masked_ms": mm * 1e3, "ratio": mm / mp, "steps": args.steps,
-           "mask_points": sum(len(g.mask_points) for g in masks.groups), "torch": torch.__version__}
+           "mask_points": sum(len(g.mask_points) for g in masks.groups), "torch": torch.__version__,
+           "machine": cpu_label()}
     print(f"{'model':<10} {'batch':>5} {'plain ms':>9} {'masked ms':>10} {'ratio':>6}")
     print(f"{res['model']:<10} {args.batch:>5} {res['plain_ms']:>9.1f} {res['masked_ms']:>10.1f} {res['ratio']:>6.3f}")
     if args.json:

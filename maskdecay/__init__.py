@@ -14,13 +14,15 @@ Public names:
 
 * :class:`ChannelMasks`, :class:`Group` -- coupled channel groups (Torch-Pruning's DependencyGraph, extended to
   PixelShuffle and GroupNorm) with one mask per unit.
-* :func:`plan`, :class:`Plan` -- which units the student keeps (MAC budget or explicit widths).
+* :func:`plan`, :class:`Plan` -- which units the student keeps (MAC budget or explicit widths), ranked by an
+  importance criterion: :class:`Importance` and :class:`L1Importance`, :class:`L2Importance`, :class:`BNImportance`,
+  :class:`TaylorImportance`, by name through :data:`IMPORTANCES` / :func:`get_importance` ("l1", "l2", "bn",
+  "taylor"); :func:`group_importance` scores one group.
 * :class:`MaskDecay` -- the decay phase; regularizers :class:`SparsityLoss`, :class:`L1`, :class:`L2`,
   :class:`BNScaleL1`, :class:`GroupLasso`, :class:`Hard`; schedules in :mod:`maskdecay.schedules`.
 * :func:`export` -- physical removal with optimizer-state remapping.
 * :func:`save_pruned`, :func:`load_pruned`, :func:`atomic_save` -- checkpoints without pickled modules.
-* :func:`profile`, :class:`Report`, :func:`count_macs` -- MACs, params, latency; :func:`cpu_name`,
-  :func:`cpu_features`, :func:`cpu_label` and :func:`peak_rss_mb` for benchmark records.
+* :func:`profile`, :class:`Report`, :func:`count_macs` -- MACs, params, latency.
 * :mod:`maskdecay.plots` -- ``mask_trajectories`` and ``compare``.
 * :func:`load_config`, :func:`config_from_dict`, :func:`apply_overrides`, :class:`ConfigError` -- typed YAML
   configs (nested dataclasses) with one clear error per unknown or wrong key.
@@ -31,18 +33,20 @@ from .config import ConfigError, apply_overrides, config_from_dict, load_config
 from .decay import MaskDecay
 from .export import export
 from .graph import Group, Member
-from .importance import group_importance
+from .importance import (IMPORTANCES, BNImportance, Importance, L1Importance, L2Importance, TaylorImportance,
+                         get_importance, group_importance)
 from .macs import count_macs
 from .masks import ChannelMasks
 from .planning import Plan, plan
-from .profiling import Report, cpu_features, cpu_label, cpu_name, peak_rss_mb, profile
+from .profiling import Report, profile
 from .regularizers import L1, L2, BNScaleL1, GroupLasso, Hard, Regularizer, SparsityLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ChannelMasks", "Group", "Member", "Plan", "plan", "group_importance", "MaskDecay", "Regularizer", "SparsityLoss",
+    "ChannelMasks", "Group", "Member", "Plan", "plan", "group_importance", "Importance", "L1Importance", "L2Importance",
+    "BNImportance", "TaylorImportance", "IMPORTANCES", "get_importance", "MaskDecay", "Regularizer", "SparsityLoss",
     "L1", "L2", "BNScaleL1", "GroupLasso", "Hard", "export", "save_pruned", "load_pruned", "atomic_save", "profile",
-    "Report", "cpu_name", "cpu_features", "cpu_label", "peak_rss_mb", "count_macs", "plots", "schedules", "ConfigError",
+    "Report", "count_macs", "plots", "schedules", "ConfigError",
     "load_config", "config_from_dict", "apply_overrides",
 ]

@@ -18,11 +18,10 @@ def _factory(spec: str):
     if ":" not in spec:
         raise ValueError(f"expected MODULE:FACTORY (e.g. torchvision.models:resnet18), got {spec!r}")
     mod_name, fn_name = spec.split(":", 1)
-    sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(mod_name)
     except ImportError as e:
-        raise ValueError(f"cannot import {mod_name!r}: {e}") from e
+        raise ValueError(f"cannot import {mod_name!r} (is it on PYTHONPATH?): {e}") from e
     if not hasattr(module, fn_name):
         raise ValueError(f"{mod_name!r} has no attribute {fn_name!r}")
     return getattr(module, fn_name)
@@ -65,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="maskdecay", description="Mask-decay pruning toolkit")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("profile", help="MACs, params, CPU latency and layer widths of MODULE:FACTORY()")
-    p.add_argument("factory", help="MODULE:FACTORY, a callable returning an nn.Module")
+    p.add_argument("factory", help="MODULE:FACTORY, a callable returning an nn.Module; MODULE must be importable "
+                                   "(installed, or on PYTHONPATH: PYTHONPATH=. for a module in the current folder)")
     p.add_argument("--input", type=_shape, required=True, help="input shape, e.g. 1,3,224,224")
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .importance import Importance, group_importance
+from .importance import ImportanceLike, get_importance
 from .masks import ChannelMasks
 
 PLAN_FORMAT = 1
@@ -77,7 +77,7 @@ def _min_keep(size: int, max_ratio: float, round_to: int) -> int:
 
 
 def plan(masks: ChannelMasks, macs: float | None = None, widths: dict[str, int] | None = None,
-         importance: Importance = "l1", max_ratio: float = 0.9) -> Plan:
+         importance: ImportanceLike = "l1", max_ratio: float = 0.9) -> Plan:
     """Choose the channels the student keeps.
 
     Give either ``macs`` (a fraction of the teacher's MACs if <= 1, else absolute MACs) for a global ranking of all
@@ -96,9 +96,10 @@ def plan(masks: ChannelMasks, macs: float | None = None, widths: dict[str, int] 
         raise ValueError("give exactly one of macs= (a budget) or widths= (units per group)")
     if not 0.0 <= max_ratio < 1.0:
         raise ValueError(f"max_ratio must be in [0, 1), got {max_ratio}")
-    scores = {g.name: group_importance(g, importance) for g in masks.groups}
+    criterion = get_importance(importance)
+    scores = {g.name: criterion(g) for g in masks.groups}
     order = {name: torch.argsort(s, stable=True).tolist() for name, s in scores.items()}  # least important first
-    meta: dict[str, Any] = {"importance": importance if isinstance(importance, str) else "callable",
+    meta: dict[str, Any] = {"importance": criterion.name,
                             "round_to": masks.round_to, "ignored_layers": masks.ignored_names,
                             "input_spec": masks.input_spec}
     if widths is not None:

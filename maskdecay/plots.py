@@ -1,4 +1,6 @@
-"""Plots of mask trajectories and regularizer comparisons (matplotlib, written to files)."""
+"""Plots of mask trajectories and regularizer comparisons (matplotlib, file-only Agg canvas, written to files).
+
+matplotlib is imported by the plotting functions, not by this module: ``import maskdecay`` stays free of it."""
 from __future__ import annotations
 
 import json
@@ -6,10 +8,6 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 def load_history(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -25,11 +23,18 @@ def load_history(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any
         return json.load(f)
 
 
+def _figure(cols: int, size: tuple[float, float]) -> tuple[Any, Any]:
+    """A figure with ``cols`` panels in a row, drawn with the Agg backend (files only, no display needed)."""
+    from matplotlib.figure import Figure  # here, not at module level: matplotlib takes about 0.5 s to import
+
+    fig = Figure(figsize=size)
+    return fig, fig.subplots(1, cols)
+
+
 def _save(fig: Any, path: str | os.PathLike) -> str:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return str(path)
 
 
@@ -39,7 +44,7 @@ def mask_trajectories(history: Mapping[str, Any] | str | os.PathLike, path: str 
     summary curves (removed mean/max, effective removed strength, kept mean). Returns the file path."""
     h = load_history(history)
     steps = h["step"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = _figure(2, (11, 4))
     for label, ys in h["traces"].items():
         removed = label.startswith("removed")
         a.plot(steps, ys, color="tab:red" if removed else "tab:blue", alpha=0.5, lw=0.9)
@@ -68,7 +73,7 @@ def compare(runs: Mapping[str, Any], path: str | os.PathLike, title: str = "regu
     strength and mean kept mask against the fraction of the decay phase. Returns the file path."""
     if not runs:
         raise ValueError("compare() needs at least one run")
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = _figure(3, (14, 4))
     keys = [("removed_max", "largest removed |m|"), ("removed_effective", "removed |m| x weight-norm ratio"),
             ("kept_mean", "mean kept m")]
     for name, src in runs.items():

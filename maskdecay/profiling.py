@@ -1,7 +1,6 @@
 """Profiling: MACs, parameters, measured latency and per-layer widths of a model."""
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -39,69 +38,6 @@ class Report:
             for r in self.layers:
                 lines.append(f"{r['name']:<{w}}  {r['type']:<16} {r['in']:>6} {r['out']:>6} {r['macs'] / 1e6:>10.3f}")
         return "\n".join(lines)
-
-
-def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU's model name (the first ``model name`` of ``cpuinfo`` on Linux, else :func:`platform.processor`), for
-    benchmark records: timings from two hosts are only comparable with the CPU named. Falls back to the
-    architecture (``x86_64``)."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-#: the vector extensions that decide how fast a CPU runs float32/bf16/int8 kernels, in the order reported
-_FEATURES = (
-    "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8",  # x86
-    "asimd", "sve", "sve2", "bf16", "i8mm",  # arm64
-)
-
-
-def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
-    """The CPU's vector extensions that matter for conv/GEMM speed (AVX2, AVX-512 and its VNNI/BF16/FP16 parts, AMX;
-    on arm64 NEON, SVE, BF16, I8MM), from the first ``flags`` or ``Features`` line of ``cpuinfo``; [] where unknown.
-
-    For benchmark records next to :func:`cpu_name`: virtual machines often report a generic name ("AMD EPYC") for
-    hosts of different generations (this project's EVC_SS benchmark took 0.70 s on an "AMD EPYC" with AVX2 and
-    0.46 s on an "AMD EPYC" with AVX-512 and BF16)."""
-    try:
-        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
-                    have = set(value.split())
-                    return [name for name in _FEATURES if name in have]
-    except OSError:
-        pass
-    return []
-
-
-def cpu_label(name: str | None = None, features: list[str] | None = None) -> str:
-    """``"NAME [feature feature ...]"`` for benchmark records, or the name alone when no feature is known; by
-    default this machine's :func:`cpu_name` and :func:`cpu_features` (pass both to label a saved record)."""
-    name = cpu_name() if name is None else name
-    features = cpu_features() if features is None else features
-    return f"{name} [{' '.join(features)}]" if features else name
-
-
-def peak_rss_mb(status: str = "/proc/self/status") -> float | None:
-    """This process's peak resident memory so far, in MB (``VmHWM`` of ``status`` on Linux); None where the file or
-    the field is missing. For benchmark records: a speed-up that needs twice the memory is a different trade."""
-    try:
-        with open(status, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key == "VmHWM" and value.split():
-                    return round(int(value.split()[0]) / 1024, 1)  # the kernel reports kB
-    except (OSError, ValueError):
-        pass
-    return None
 
 
 def measure_latency(fn: Callable[[], Any], warmup: int = 3, runs: int = 10, device: str = "cpu") -> list[float]:

@@ -1,16 +1,13 @@
-"""Run by tests/test_ddp.py under torchrun (2 processes, gloo): decay with different data per rank, then check
-that masks and decay state are identical on every rank."""
+"""Run by tests/test_ddp.py under torchrun (``-m tests.ddp_worker``, 2 processes, gloo): decay with different data
+per rank, then check that masks and decay state are identical on every rank."""
 import gc
-import os
-import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-import maskdecay as md  # noqa: E402
-from nets import resnet_cifar  # noqa: E402
+import maskdecay as md
+from tests.nets import resnet_cifar
 
 
 def main() -> None:
@@ -38,8 +35,8 @@ def main() -> None:
         assert bool((flat < 1).any()) or decay.t == 0
     if rank == 0:
         print("DDP-OK", decay.t)
-    # free DDP's reducer (a reference cycle) before leaving gloo, as evc.train.close_distributed does: otherwise a
-    # gloo thread holding its Python objects at interpreter exit aborted a rank in 4 of 12 runs
+    # free DDP's reducer (a reference cycle) before leaving gloo, as the EVC example's close_distributed does: otherwise
+    # a gloo thread still holding its Python objects at interpreter exit can abort a rank
     del ddp, opt
     gc.collect()
     dist.destroy_process_group()

@@ -1,4 +1,4 @@
-"""Small reference networks for the maskdecay tests and benchmarks.
+"""Small reference networks for the maskdecay tests.
 
 Plain PyTorch, no torchvision; the ResNet reuses the basic block of the ResNet example
 (``examples/resnet/models.py``). Each factory returns a randomly initialised
@@ -19,7 +19,7 @@ factory                   couplings exercised
 ========================  =====================================================
 
 ``ALL_NETS`` maps a short name to ``(factory, input_shape)`` for parametrised
-tests and benchmarks.
+tests.
 """
 
 from __future__ import annotations
@@ -28,10 +28,8 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from example_packages import use_example_package
 
-use_example_package("resnet")
-from resnet.models import BasicBlock as _ExampleBasicBlock  # noqa: E402
+from maskdecay_examples.resnet.models import BasicBlock as _ExampleBasicBlock
 
 __all__ = [
     "resnet_cifar",

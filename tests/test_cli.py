@@ -8,12 +8,12 @@ import torch
 
 import maskdecay as md
 from maskdecay.cli import main
-from nets import resnet_cifar
+from tests.nets import resnet_cifar
 
 
 def test_profile_prints_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "report.json"
-    assert main(["profile", "nets:mobilenetv2_tiny", "--input", "1,3,32,32", "--runs", "1", "--warmup", "0",
+    assert main(["profile", "tests.nets:mobilenetv2_tiny", "--input", "1,3,32,32", "--runs", "1", "--warmup", "0",
                  "--json", str(out)]) == 0
     text = capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -22,9 +22,9 @@ def test_profile_prints_table_and_writes_json(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["profile", "nets", "--input", "1,3,32,32"], "MODULE:FACTORY"),
+    (["profile", "tests.nets", "--input", "1,3,32,32"], "MODULE:FACTORY"),
     (["profile", "no_such_module_xyz:f", "--input", "1,3,32,32"], "cannot import"),
-    (["profile", "nets:no_such_factory", "--input", "1,3,32,32"], "no attribute"),
+    (["profile", "tests.nets:no_such_factory", "--input", "1,3,32,32"], "no attribute"),
     (["plot", "does/not/exist"], "no decay history"),
 ])
 def test_bad_arguments_give_one_clear_error(argv, message, capsys):
@@ -34,7 +34,7 @@ def test_bad_arguments_give_one_clear_error(argv, message, capsys):
 
 def test_bad_input_shape_is_rejected():
     with pytest.raises(SystemExit):
-        main(["profile", "nets:mobilenetv2_tiny", "--input", "1,3,x"])
+        main(["profile", "tests.nets:mobilenetv2_tiny", "--input", "1,3,x"])
 
 
 def test_plot_redraws_from_run_dirs(tmp_path, capsys):

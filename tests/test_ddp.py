@@ -5,9 +5,9 @@ import sys
 
 
 def test_masks_identical_across_ranks() -> None:
-    worker = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                          worker], capture_output=True, text=True, timeout=300, env=env)
+                          "-m", "tests.ddp_worker"], capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "DDP-OK 6" in out.stdout

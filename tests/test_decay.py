@@ -1,4 +1,4 @@
-"""Regularizers, schedules and MaskDecay: each regularizer's defining property, AMP, resume (acceptance 5)."""
+"""Regularizers, schedules and MaskDecay: each regularizer's defining property, AMP, resume."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import maskdecay as md
 from maskdecay import schedules
-from nets import ALL_NETS, example_input, resnet_cifar
+from tests.nets import ALL_NETS, example_input, resnet_cifar
 
 
 def _setup(regularizer, steps: int = 30, schedule: str = "cosine", mask_lr: float = 0.05):

@@ -1,11 +1,11 @@
-"""Group discovery, planning and export on the reference nets (acceptance 1 and 2 of the library issue)."""
+"""Group discovery, planning and export on the reference nets."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import maskdecay as md
-from nets import ALL_NETS, example_input
+from tests.nets import ALL_NETS, example_input
 
 NETS = sorted(ALL_NETS)
 

@@ -2,36 +2,21 @@
 
 Our own implementation, state-dict compatible with the official inference code. Quick use::
 
-    import evc
+    from maskdecay_examples import evc
     model = evc.load_model("EVC_SS_MD.pth.tar")          # or evc.build_model("EVC_SS") for random weights
     x, _, _ = evc.load_image("kodim01.png")
     res = evc.compress(model, x, evc.select_rate(model, q=0.5))
     out = evc.decompress(model, res.data).x_hat
+
+Sub-packages (imports flow downwards only): :mod:`.cli` (the ``evc`` command and its tools) -> :mod:`.training`
+and :mod:`.coding` -> :mod:`.engines` -> :mod:`.models`. See ARCHITECTURE.md.
 """
-from .bitstream import BitstreamError, Header
-from .codec import (
-    DecodeResult,
-    EncodeResult,
-    RateSpec,
-    compress,
-    decompress,
-    load_image,
-    reconstruct,
-    save_image,
-    select_rate,
-    weights_hash,
-)
-from .models import (
-    ARCHS,
-    EVC,
-    WIDTHS,
-    CheckpointError,
-    ScalableEVC,
-    build_model,
-    infer_config,
-    load_model,
-    save_model,
-)
+from .cli.imageio import load_image, save_image
+from .coding.bitstream import BitstreamError, Header
+from .coding.codec import DecodeResult, EncodeResult, compress, decompress, reconstruct, weights_hash
+from .coding.rate import RateSpec, select_rate
+from .models.architectures import ARCHS, EVC, WIDTHS, ScalableEVC
+from .models.zoo import CheckpointError, build_model, infer_config, load_model, save_model
 
 __all__ = [
     "ARCHS",

@@ -15,7 +15,7 @@ What it does (``make demo`` runs it; about 6 minutes on 2 idle CPU cores, longer
 The mask-decay part is the ~15 lines in :func:`mask_decay`; everything else is an ordinary
 PyTorch training script.
 
-    python examples/quickstart/demo.py --data ../shared/data/cifar10 --out runs/demo
+    python -m maskdecay_examples.quickstart.demo --data ../shared/data/cifar10 --out runs/demo
 """
 
 from __future__ import annotations
@@ -38,13 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar import DATA_NOTE, Split, augment, batches, load_cifar10, to_float  # noqa: E402
-
-try:
-    import maskdecay as md
-except ImportError as exc:  # pragma: no cover - only without `make setup`
-    raise SystemExit(f"cannot import maskdecay ({exc}); run `make setup` (or `pip install -e .`) first") from exc
+import maskdecay as md
+from maskdecay_examples.cifar import DATA_NOTE, Split, augment, batches, load_cifar10, to_float
 
 log = logging.getLogger("demo")
 

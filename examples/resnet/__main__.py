@@ -1,4 +1,5 @@
-"""``python -m resnet {train,prune,study,study-report,report,speedup}``: the ResNet/CIFAR-10 pruning example's command line."""
+"""The ResNet/CIFAR-10 pruning example's command line:
+``python -m maskdecay_examples.resnet {train,prune,study,study-report,report,speedup}``."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,7 @@ def _config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+# each command imports its modules when it runs: `--help` and config errors stay fast (no Torch-Pruning, no data code)
 def _cmd_train(args: argparse.Namespace) -> None:
     from .pipeline import load_data
     from .training import teacher
@@ -53,7 +55,7 @@ def _cmd_study(args: argparse.Namespace) -> None:
         print(f"teacher: {out / 'teacher.pt'} (learning curve in {out / 'teacher.json'})")
         return
     print(f"{len(summary['finals'])} final runs in {out / 'summary.json'}; "
-          f"tables and plots: python -m resnet study-report {out}")
+          f"tables and plots: python -m maskdecay_examples.resnet study-report {out}")
 
 
 def _cmd_study_report(args: argparse.Namespace) -> None:
@@ -77,7 +79,7 @@ def _cmd_speedup(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m resnet", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m maskdecay_examples.resnet", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name, fn, text in (("train", _cmd_train, "train (or reuse) the teacher of a config"),
                            ("prune", _cmd_prune, "teacher + every method at every budget: table, plots, JSON")):
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     r.set_defaults(func=_cmd_report)
     from .speedup import add_arguments
 
-    s = sub.add_parser("speedup", help="real CPU speed-up vs MAC reduction of a pruned ResNet (acceptance 2)")
+    s = sub.add_parser("speedup", help="real CPU speed-up vs MAC reduction of a pruned ResNet")
     add_arguments(s)
     s.set_defaults(func=_cmd_speedup)
     args = parser.parse_args(argv)
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"python -m resnet: error: {e}", file=sys.stderr)
+        print(f"python -m maskdecay_examples.resnet: error: {e}", file=sys.stderr)
         return 2
     return 0
 

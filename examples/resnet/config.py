@@ -26,6 +26,8 @@ from typing import Any
 
 import maskdecay as md
 
+from .models import build
+
 MASK_METHODS: dict[str, str] = {
     "sparsity": "sparsity", "l1": "l1", "l2": "l2", "bn_l1": "bn", "group_lasso": "group_lasso", "hard": "hard"}
 """Mask-decay methods of the example -> maskdecay regularizer names."""
@@ -144,13 +146,12 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"{name}: value out of range")
     if p.schedule not in ("linear", "cosine", "exp", "step"):
         raise ConfigError(f"prune.schedule: use linear, cosine, exp or step, got {p.schedule!r}")
-    if p.importance not in ("l1", "l2", "bn", "taylor"):
-        raise ConfigError(f"prune.importance: use l1, l2, bn or taylor, got {p.importance!r}")
+    if p.importance not in md.IMPORTANCES:
+        raise ConfigError(f"prune.importance: use one of {', '.join(md.IMPORTANCES)}, got {p.importance!r}")
     if not (cfg.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", cfg.device)):
         raise ConfigError(f"device: use cpu or cuda[:N], got {cfg.device!r}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads: a positive number (or null), got {cfg.threads}")
-    from .models import build
     try:
         build(cfg.model.arch)
     except ValueError as e:

@@ -1,9 +1,9 @@
 """CIFAR-10 data for the ResNet example: uint8 tensors decoded once, augmented on tensors.
 
 The tar reader, the ``.npy`` cache, the tensor augmentation (random 32x32 crop of the 4-px zero-padded image + random
-horizontal flip) and the normalisation live in ``examples/quickstart/cifar.py``; this module loads that file (one
-implementation for both examples) and adds what the ResNet example needs on top: image *folders* as well as tars, and a
-batch stream that runs across training phases.
+horizontal flip) and the normalisation live in :mod:`maskdecay_examples.cifar` (one implementation for both CIFAR
+examples); this module adds what the ResNet example needs on top: image *folders* as well as tars, and a batch stream
+that runs across training phases.
 
 Accepted data locations (``data.path`` in the config):
 
@@ -14,38 +14,16 @@ Accepted data locations (``data.path`` in the config):
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-_QUICKSTART_CIFAR = Path(__file__).resolve().parent.parent / "quickstart" / "cifar.py"
+from ..cifar import CLASSES, DATA_NOTE, Split, augment, batches, load_split, to_float
 
-
-def _load_quickstart_cifar():
-    name = "maskdecay_examples_quickstart_cifar"
-    if name in sys.modules:
-        return sys.modules[name]
-    if not _QUICKSTART_CIFAR.is_file():
-        raise ImportError(f"the CIFAR loader {_QUICKSTART_CIFAR} is missing (the ResNet example shares it)")
-    spec = importlib.util.spec_from_file_location(name, _QUICKSTART_CIFAR)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-_cifar = _load_quickstart_cifar()
-CLASSES: tuple[str, ...] = _cifar.CLASSES
-DATA_NOTE: str = _cifar.DATA_NOTE
-Split = _cifar.Split
-augment = _cifar.augment
-batches = _cifar.batches
-to_float = _cifar.to_float
+__all__ = ["CLASSES", "DATA_NOTE", "Split", "augment", "batches", "to_float", "load_folder", "load_any", "resolve",
+           "BatchStream"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -77,7 +55,7 @@ def load_any(path: str | Path, cache_dir: str | Path | None = None) -> "Split":
     if path.is_dir():
         return load_folder(path)
     if path.is_file():
-        return _cifar.load_split(path, cache_dir)
+        return load_split(path, cache_dir)
     raise FileNotFoundError(f"data not found: {path} (a tar of <class>/<image> members or such a folder)")
 
 

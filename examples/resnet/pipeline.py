@@ -1,4 +1,5 @@
-"""``python -m resnet prune``: the teacher, every method at every budget, the table, plots and JSON in one run folder.
+"""``python -m maskdecay_examples.resnet prune``: the teacher, every method at every budget, the table, plots and
+JSON in one run folder.
 
 Layout of ``<out>/``: ``config.yaml`` (the validated config), ``teacher.pt``, ``<method>-<budget>/`` per run
 (``student.pt``, ``result.json``; mask-decay runs also ``history.json`` and ``masks.png``, which
@@ -21,6 +22,7 @@ import yaml
 
 import maskdecay as md
 
+from ..hostinfo import cpu_label
 from . import methods, report
 from .config import Config
 from .data import DATA_NOTE, Split, load_any, resolve
@@ -102,7 +104,7 @@ def prune(cfg: Config) -> tuple[dict[str, Any], list[str]]:
                "seed": cfg.seed, "methods": cfg.prune.methods, "budgets": cfg.prune.budgets,
                "total_steps_per_method": cfg.prune.decay_steps + cfg.prune.finetune_steps,
                "latency_batch": r.latency_batch, "threads": torch.get_num_threads(),
-               "machine": f"{md.cpu_label()}, torch {torch.__version__}",
+               "machine": f"{cpu_label()}, torch {torch.__version__}",
                "teacher": tm, "runs": rows, "wall_seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
     plots = report.write(results, out)
     return results, plots

@@ -131,6 +131,6 @@ def redraw(run_dir: Path, as_markdown: bool = False) -> tuple[str, list[str]]:
     """Table (text or Markdown) and plots again from a run folder's ``results.json``."""
     path = run_dir / "results.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: give a folder written by `python -m resnet prune`")
+        raise FileNotFoundError(f"{path} not found: give a folder written by `python -m maskdecay_examples.resnet prune`")
     results = json.loads(path.read_text())
     return (markdown(results) if as_markdown else table(results)), write(results, run_dir)

@@ -1,11 +1,11 @@
-"""Real CPU speed-up of a pruned CIFAR ResNet against its MAC reduction (issue 6, acceptance 2).
+"""Real CPU speed-up of a pruned CIFAR ResNet against its MAC reduction.
 
-``python -m resnet speedup --arch resnet56 --macs 0.5 --batch 64`` builds the teacher (random init), plans a student
-at ``--macs`` of its MACs with maskdecay, zeroes the removed masks (a one-step "hard" decay) and exports it, then times
+``python -m maskdecay_examples.resnet speedup --arch resnet56 --macs 0.5 --batch 64`` builds the teacher (random
+init), plans a student at ``--macs`` of its MACs with maskdecay, zeroes the removed masks (a one-step "hard" decay) and exports it, then times
 teacher and student in turns (eval forward, ``--batch`` images, channels_last). Latency depends on the layer shapes,
 not on the weight values; but the *plan* (which widths survive) depends on the weights the importance ranks, so a
 student exported from a trained teacher can have other widths: pass ``--student PATH`` (a ``student.pt`` written by
-``python -m resnet prune``) to time that one instead.
+``python -m maskdecay_examples.resnet prune``) to time that one instead.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``python -m resnet study``: the converged pruning study, resumable at every epoch.
+"""``python -m maskdecay_examples.resnet study``: the converged pruning study, resumable at every epoch.
 
 What it runs, in this order (each piece is skipped when its result file exists with the same settings, so the
 command can be killed at any time and started again, on another machine too, once the folder is copied):
@@ -23,7 +23,7 @@ Layout of ``out/``: ``teacher.pt`` (state_dict + key), ``teacher.json``, ``summa
 (``cut.pt``: the student right after the cut with its optimizer state, the branch point of the sweep's and the final
 fine-tuning; ``result-ft<E>.json``; ``history.json`` for mask decay; ``student.pt`` for final runs), ``state/``
 (in-progress checkpoints, deleted when their piece is done). ``cut.pt`` and ``state/`` are working files: the rest is
-small enough to keep with the code. ``python -m resnet study-report`` turns the folder into tables and plots.
+small enough to keep with the code. ``python -m maskdecay_examples.resnet study-report`` turns the folder into tables and plots.
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 import maskdecay as md
 
+from ..hostinfo import cpu_label
 from .config import MASK_METHODS, ConfigError
 from .data import DATA_NOTE, Split, load_any, resolve
 from .methods import TP_FORMAT, example_input
@@ -301,7 +302,7 @@ def teacher(cfg: StudyConfig, data: Data) -> nn.Module:
                    out / "teacher.pt")
     _write_json(out / "teacher.json", {"key": key, "curve": curve, "train_seconds": seconds, "data": DATA_NOTE,
                                        "n_train": len(data.train), "n_val": len(data.val or ()), "n_test": len(data.test),
-                                       "machine": md.cpu_label(), "threads": torch.get_num_threads()})
+                                       "machine": cpu_label(), "threads": torch.get_num_threads()})
     state_path.unlink(missing_ok=True)
     return model.eval()
 
@@ -668,7 +669,7 @@ def fit_schedule(cfg: StudyConfig, data: Data) -> dict[str, Any]:
                 "eval_seconds": t_eval, "teacher_minutes": teacher_s / 60,
                 "decay_epochs": max(1, int(k * p.decay_epochs)), "finetune_epochs": max(1, int(k * p.finetune_epochs)),
                 "fit_minutes": cfg.fit_minutes, "device": torch.cuda.get_device_name() if dev.startswith("cuda")
-                else md.cpu_label()}
+                else cpu_label()}
         _write_json(path, plan)
         log.info("schedule for %g minutes: teacher %d epochs (%.1f min), %d runs of %d + %d epochs "
                  "(%.2f / %.2f / %.2f ms per teacher / decay / student step)", cfg.fit_minutes, cfg.teacher.epochs,
@@ -686,7 +687,7 @@ def run(cfg: StudyConfig, stage: str = "all") -> dict[str, Any] | None:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg)
     log.info("data: %d train, %d validation, %d test images (%s); %s, %d threads", len(data.train), len(data.val or ()),
-             len(data.test), DATA_NOTE, md.cpu_label(), torch.get_num_threads())
+             len(data.test), DATA_NOTE, cpu_label(), torch.get_num_threads())
     if cfg.fit_minutes is not None:
         fit_schedule(cfg, data)
     tmodel = teacher(cfg, data)

@@ -1,4 +1,4 @@
-"""``python -m resnet study-report OUT``: the tables and plots of a study folder written by ``python -m resnet study``.
+"""``python -m maskdecay_examples.resnet study-report OUT``: the tables and plots of a study folder written by ``python -m maskdecay_examples.resnet study``.
 
 Prints Markdown (and writes it to ``OUT/report.md``): the teacher, the main table (every method at every budget:
 test accuracy on the full test split, MACs, parameters, measured CPU speed-up), the strength sweeps, mean ± standard
@@ -40,7 +40,7 @@ def load(out: Path) -> dict[str, Any]:
     """``summary.json`` and ``teacher.json`` of a study folder."""
     s, t = out / "summary.json", out / "teacher.json"
     if not s.is_file() or not t.is_file():
-        raise FileNotFoundError(f"{out}: no summary.json/teacher.json (run `python -m resnet study` first)")
+        raise FileNotFoundError(f"{out}: no summary.json/teacher.json (run `python -m maskdecay_examples.resnet study` first)")
     return {**json.loads(s.read_text()), "teacher": json.loads(t.read_text())}
 
 

@@ -1,10 +1,7 @@
-"""``import evc`` resolves to examples/evc (see tests/example_packages.py); EVC tests run on one thread."""
-from __future__ import annotations
-
+"""EVC tests run on one torch thread (tests that need more set their own)."""
 import pytest
 
-from example_packages import one_thread, use_example_package
 
-use_example_package("evc")
-
-_one_thread = pytest.fixture(autouse=True)(one_thread)
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread) -> None:
+    """Every EVC test on one thread (the fixture of tests/conftest.py)."""

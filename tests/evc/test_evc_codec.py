@@ -12,11 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-import evc
-from evc import bitstream as bs
-from evc.cli import main as cli
-from evc.codec import to_uint8
-from evc.exact import ExactNet, quantize_rows
+from maskdecay_examples import evc
+from maskdecay_examples.evc.coding import bitstream as bs
+from maskdecay_examples.evc.fileio import atomic_write_bytes
+from maskdecay_examples.evc.cli.main import main as cli
+from maskdecay_examples.evc.cli.imageio import to_uint8
+from maskdecay_examples.evc.engines.exact import ExactNet, quantize_rows
 
 KODAK = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "kodak")
 
@@ -164,11 +165,9 @@ def test_decode_bit_exact_threads_and_process(tmp_path, ckpt, model):
     d2 = evc.decompress(model, res.data).x_hat
     torch.set_num_threads(1)
     assert torch.equal(d1, d2)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(os.path.dirname(__file__), "..", "..", "examples"),
-                                         env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-m", "evc", "decode", str(tmp_path / "s.evc"), str(tmp_path / "p.png"),
-                        "--model", ckpt, "--threads", "2"], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "maskdecay_examples.evc", "decode", str(tmp_path / "s.evc"),
+                        str(tmp_path / "p.png"),
+                        "--model", ckpt, "--threads", "2"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert np.array_equal(np.asarray(Image.open(tmp_path / "p.png")), to_uint8(d1))
 
@@ -231,14 +230,14 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        bs.atomic_write_bytes(target, b"new data")
+        atomic_write_bytes(target, b"new data")
     monkeypatch.undo()
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["out.bin"]
 
 
 def test_fuzz_2000_corrupted_streams():
-    from evc.fuzz import run_fuzz
+    from maskdecay_examples.evc.cli.fuzz import run_fuzz
 
     rep = run_fuzz(2000, seed=1)
     assert rep.cases == 2000

@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-import evc
-from evc.cli import main as cli
-from evc.codec import to_uint8
-from evc.config import load_config
-from evc.decay import attach_masks, run_decay, stage_plan, student_spec
+from maskdecay_examples import evc
+from maskdecay_examples.evc.cli.main import main as cli
+from maskdecay_examples.evc.cli.imageio import to_uint8
+from maskdecay_examples.evc.training.config import load_config
+from maskdecay_examples.evc.training.decay import attach_masks, run_decay, stage_plan, student_spec
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 KODAK = os.path.abspath(os.path.join(ROOT, "..", "shared", "data", "kodak"))
@@ -57,7 +57,7 @@ def test_student_spec_and_stage_plan():
 
 @needs_kodak
 def test_decay_to_ss_loads_strict_and_codes(teacher_ckpt, tmp_path, capsys):
-    """Acceptance 2 (mini scale): evc decay --student EVC_SS -> EVC_SS layout (strict) -> evc encode/decode."""
+    """At mini scale: evc decay --student EVC_SS -> EVC_SS layout (strict) -> evc encode/decode."""
     out = tmp_path / "ss"
     rc = cli(["decay", "--config", TINY, "--teacher", teacher_ckpt, "--student", "EVC_SS", "--regularizer",
               "sparsity", "--out", str(out), "--no-progress", "--set", f"data.train={KODAK}",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from evc.entropy import (
+from maskdecay_examples.evc.coding.entropy import (
     SymbolReader,
     SymbolWriter,
     Table,

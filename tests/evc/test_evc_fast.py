@@ -1,4 +1,4 @@
-"""Fast inference paths (evc.fast) against the reference path: the exact twins are bit-identical, the float
+"""Fast inference paths (the fast engine) against the reference path: the exact twins are bit-identical, the float
 transforms agree within float tolerance, streams are byte-identical where guaranteed and always decode the same,
 reduced precision stays decodable; GPU variants run only where CUDA exists."""
 from __future__ import annotations
@@ -9,13 +9,16 @@ import logging
 import pytest
 import torch
 
-import evc
-from evc.bench import _table_main
-from evc.cli import main as cli
-from evc.codec import ReferenceEngine
-from evc.exact import ExactNet
-from evc.fast import EagerTransform, FastEngine, FastExactNet, FastTransform
-from evc.metrics import psnr
+from maskdecay_examples import evc
+from maskdecay_examples.evc.cli.tables import main as table_main
+from maskdecay_examples.evc.cli.main import main as cli
+from maskdecay_examples.evc.engines.reference import ReferenceEngine
+from maskdecay_examples.evc.engines.exact import ExactNet
+from maskdecay_examples.evc.coding.entropy import StreamError, SymbolWriter
+from maskdecay_examples.evc.engines.fast import FastEngine
+from maskdecay_examples.evc.engines.fast_exact import FastExactNet
+from maskdecay_examples.evc.engines.fused import EagerTransform, FastTransform
+from maskdecay_examples.evc.training.metrics import psnr
 
 NO_CUDA = "no CUDA device in this environment: the GPU variant of this fast path is not exercised"
 
@@ -58,7 +61,7 @@ def test_fast_exact_twin_is_bit_identical(mini, name, cin_mult, down):
 def test_exact_gemm_weights_are_column_major():
     """The exact GEMMs take B as the transpose of a contiguous (out, in) matrix, the layout in which MKL's dgemm
     measured faster (docs/performance.md §3.8); the values are the same either way (bit identity: above)."""
-    from evc.fast import _XConv3, _XLin
+    from maskdecay_examples.evc.engines.fast_exact import _XConv3, _XLin
 
     lin = _XLin([torch.nn.Conv2d(8, 5, 1)], torch.device("cpu"))
     assert lin.wqt.shape == (8, 5) and lin.wqt.t().is_contiguous() and not lin.wqt.is_contiguous()
@@ -72,8 +75,8 @@ def test_fast_exact_twin_folds_weight_scales_only_where_exact(mini):
     ways stay bit-identical to ExactNet."""
     import copy
 
-    from evc.exact import pow2
-    from evc.fast import _fold_scales
+    from maskdecay_examples.evc.engines.exact import pow2
+    from maskdecay_examples.evc.engines.fast_exact import _fold_scales
 
     wq = torch.tensor([[3.0, -5.0], [7.0, 1.0]], dtype=torch.float64)
     folded, rest = _fold_scales(wq, torch.tensor([-30, 4]))
@@ -109,7 +112,7 @@ def test_fast_transform_matches_eager(mini, name):
 def test_memory_bands_at_any_thread_count(mini, monkeypatch):
     """Above _MEMORY_BAND_LIMIT the per-pixel tail + FFN, and the upsampling blocks' GEMM + pixel shuffle, run in
     bands whatever the thread count (large images); the result is the unbanded one up to float32 noise."""
-    import evc.fast as fast
+    from maskdecay_examples.evc.engines import fused
 
     x = torch.rand(1, 3, 64, 128, generator=torch.Generator().manual_seed(3))
     y = torch.randn(2, mini.N, 3, 5, generator=torch.Generator().manual_seed(4))  # batch 2, odd sizes
@@ -117,21 +120,21 @@ def test_memory_bands_at_any_thread_count(mini, monkeypatch):
         whole = FastTransform(mini.enc)(x)
         whole_dec = FastTransform(mini.dec)(y)
         shuffled: list[int] = []
-        real = fast._shuffled_banded
+        real = fused.shuffled_banded
 
         def spy_shuffle(*args):
             shuffled.append(args[-1])  # band_h
             return real(*args)
-        monkeypatch.setattr(fast, "_shuffled_banded", spy_shuffle)
-        monkeypatch.setattr(fast, "_MEMORY_BAND_LIMIT", 1 << 12)
-        monkeypatch.setattr(fast, "_MEMORY_BAND_BYTES", 1 << 12)
+        monkeypatch.setattr(fused, "shuffled_banded", spy_shuffle)
+        monkeypatch.setattr(fused, "_MEMORY_BAND_LIMIT", 1 << 12)
+        monkeypatch.setattr(fused, "_MEMORY_BAND_BYTES", 1 << 12)
         calls: list[tuple[int, int]] = []
-        band_px = fast._FloatBuilder._band_px
+        band_px = fused.FloatBuilder._band_px
 
         def spy(self, n: int, widest: int) -> int:
             calls.append((n, band_px(self, n, widest)))
             return calls[-1][1]
-        monkeypatch.setattr(fast._FloatBuilder, "_band_px", spy)
+        monkeypatch.setattr(fused.FloatBuilder, "_band_px", spy)
         banded = FastTransform(mini.enc)(x)
         banded_dec = FastTransform(mini.dec)(y)
     assert (2048, 256) in calls  # the half-resolution layer in bands of 256 pixels (the floor)
@@ -156,7 +159,7 @@ def test_codec_fast_engine_streams_and_decoding(mini):
     s_ref = evc.compress(mini, x, rate).data
     s_fused = evc.compress(mini, x, rate, engine=fused).data
     assert evc.compress(mini, x, rate, engine=eager).data == s_ref
-    assert s_fused == s_ref  # holds here; in general only up to rare rounding flips (see evc.fast)
+    assert s_fused == s_ref  # holds here; in general only up to rare rounding flips (see engines.fast)
     for s in (s_ref, s_fused):
         d_ref = evc.decompress(mini, s, engine=ref)
         d_fast = evc.decompress(mini, s, engine=fused)
@@ -190,13 +193,13 @@ def test_reduced_precision_stays_decodable(mini):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_precision_on_a_cpu_without_it_warns(monkeypatch, caplog, mini, dtype):
     """An emulated fp16/bf16 is slower than float32 on the CPU: the engine says so (and only then)."""
-    import evc.fast as fast
+    from maskdecay_examples.evc.engines import fast
 
     for native in (True, False):
         monkeypatch.setattr(fast, "native_bf16", lambda: native)
         monkeypatch.setattr(fast, "native_fp16", lambda: native)
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="evc.fast"):
+        with caplog.at_level(logging.WARNING, logger="maskdecay_examples.evc.engines.fast"):
             FastEngine(mini, dtype=dtype)
         assert ("emulated" in caplog.text) == (not native)
 
@@ -274,7 +277,7 @@ def test_bench_fast_cli(tmp_path, capsys):
     assert d["config"]["kernels"] is True and d["config"]["impl"] == "fused"
     assert set(d["machine"]["cpu_kernels"]) == {"onednn", "nnpack"} and "CPU kernels: oneDNN" in out
     # the markdown row of docs/performance.md, from the saved JSON
-    assert _table_main([str(j), str(j)]) == 0
+    assert table_main([str(j), str(j)]) == 0
     table = capsys.readouterr().out.strip().splitlines()
     assert len(table) == 4 and table[0].startswith("| variant | size |") and set(table[1]) == set("|-")
     cells = [c.strip() for c in table[2].strip("|").split("|")]
@@ -286,7 +289,7 @@ def test_bench_fast_cli(tmp_path, capsys):
     bad = tmp_path / "not_bench.json"
     bad.write_text('{"a": 1}')
     with pytest.raises(SystemExit):
-        _table_main([str(bad)])
+        table_main([str(bad)])
     assert "not an evc bench JSON" in capsys.readouterr().err
     assert cli(["bench", "--arch", "mini_EVC_SS", "--size", "64x64", "--runs", "1", "--warmup", "0",
                 "--stages", "forward", "--no-reference", "--no-kernels", "--low-memory", "--json", str(j)]) == 0
@@ -312,10 +315,10 @@ def test_overlapped_entropy_coding_writes_the_same_stream(mini, monkeypatch):
         assert r.times["analysis"] + r.times["prior"] + r.times["entropy_coding"] == pytest.approx(r.times["total"])
 
     def broken(self, values, idx, tables):
-        raise evc.entropy.StreamError("boom from the coder thread")
+        raise StreamError("boom from the coder thread")
 
-    monkeypatch.setattr(evc.entropy.SymbolWriter, "write", broken)
-    with pytest.raises(evc.entropy.StreamError, match="boom from the coder thread"):
+    monkeypatch.setattr(SymbolWriter, "write", broken)
+    with pytest.raises(StreamError, match="boom from the coder thread"):
         evc.compress(mini, x, rate, engine=eng, overlap=True)
 
 
@@ -372,10 +375,11 @@ def test_bands_are_cpu_only_and_compiled_transforms_get_their_own_cache():
     """Row bands are a CPU cache measure: any other device gets none (on an H200 the banded exact synthesis was 3.5x
     slower). Each compiled transform wraps its function in a code object of its own, so dynamo's per-code recompile
     limit (8) cannot silently leave the ninth (transform, shape) pair of a process uncompiled."""
-    from evc.fast import _NO_BANDS, _bands_on, _own_code
+    from maskdecay_examples.evc.engines.fused import _own_code
+    from maskdecay_examples.evc.engines.nhwc import NO_BANDS, bands_on
 
-    assert _bands_on(torch.device("cpu"), 1234) == 1234
-    assert _bands_on(torch.device("cuda", 0), 1234) == _NO_BANDS
+    assert bands_on(torch.device("cpu"), 1234) == 1234
+    assert bands_on(torch.device("cuda", 0), 1234) == NO_BANDS
     fns = [_own_code(lambda x, k=k: x + k) for k in range(3)]
     assert len({id(f.__code__) for f in fns}) == 3  # distinct objects (code objects compare equal by value)
     assert [f(torch.zeros(1)).item() for f in fns] == [0.0, 1.0, 2.0]
@@ -386,7 +390,7 @@ def test_tune_allocator_asks_for_huge_pages_unless_told_otherwise(monkeypatch):
     setting."""
     import os
 
-    from evc.fast import tune_allocator
+    from maskdecay_examples.evc.engines.allocator import tune_allocator
 
     monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
     tune_allocator()
@@ -399,7 +403,7 @@ def test_tune_allocator_asks_for_huge_pages_unless_told_otherwise(monkeypatch):
 def test_auto_impl_picks_the_measured_faster_transform_path(mini):
     """impl="auto": fused on the CPU and in reduced precision, eager (cuDNN) for float32 on CUDA; explicit choices
     pass through; the bench records what auto resolved to."""
-    from evc.fast import resolve_impl
+    from maskdecay_examples.evc.engines.fast import resolve_impl
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     assert resolve_impl("auto", cpu, torch.float32) == "fused"

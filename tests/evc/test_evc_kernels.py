@@ -1,4 +1,4 @@
-"""CPU kernels of the fused float transforms (evc.kernels): Winograd F(4x4,3x3), NNPACK, the oneDNN 1x1/KxK
+"""CPU kernels of the fused float transforms (engines.kernels): Winograd F(4x4,3x3), NNPACK, the oneDNN 1x1/KxK
 convolutions with fused activations and their ATen fallbacks agree with ``F.conv2d`` to float tolerance, on odd
 sizes, batches and every activation; the shape rules route as documented; the fused transforms still match the eager
 modules with every kernel forced on."""
@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evc
-import maskdecay as md
-from evc import kernels
-from evc.fast import FastTransform
-from evc.kernels import (ConvKxK, NNPACK3x3, Pointwise, Wide3x3, Winograd3x3, nchw_to_nhwc, nhwc_to_nchw, nnpack_ok,
+from maskdecay_examples import evc
+from maskdecay_examples.hostinfo import cpu_features
+from maskdecay_examples.evc.engines import kernels
+from maskdecay_examples.evc.engines.fused import FastTransform
+from maskdecay_examples.evc.engines.kernels import (ConvKxK, NNPACK3x3, Pointwise, Wide3x3, Winograd3x3, nchw_to_nhwc, nhwc_to_nchw, nnpack_ok,
                          onednn_ok, use_winograd)
 
 CPU32 = (torch.device("cpu"), torch.float32)
@@ -122,7 +122,7 @@ def test_pointwise_routing_rule(monkeypatch):
 
 def test_onednn_takes_bfloat16_only_where_the_cpu_has_it(monkeypatch):
     """oneDNN's bf16 kernels need native bf16; float16 always falls back to ATen; the native checks read cpuinfo."""
-    feats = set(md.cpu_features())
+    feats = set(cpu_features())
     assert kernels.native_bf16() == bool(feats & {"avx512_bf16", "amx_bf16"})
     assert kernels.native_fp16() == bool(feats & {"avx512_fp16", "amx_fp16"})
     cpu = torch.device("cpu")

@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
-import evc
-from evc.models import ARCHS, WIDTHS, extract_state_dict, infer_config
+from maskdecay_examples import evc
+from maskdecay_examples.evc.models.architectures import ARCHS, WIDTHS
+from maskdecay_examples.evc.models.zoo import extract_state_dict, infer_config
 
 
 def _conv(d, k, cout, cin, kh=1, kw=1):
@@ -197,7 +198,7 @@ def test_loader_errors(tmp_path):
 
 
 def test_ste_forward_trains(tmp_path):
-    from evc.train_brief import train
+    from maskdecay_examples.evc.training.brief import train
 
     kodak = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "kodak")
     m = evc.build_model("mini_EVC_SS")

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-import evc
-from evc.cli import main as cli
-from evc.rrl import ResidualCandidate, scalable_name
+from maskdecay_examples import evc
+from maskdecay_examples.evc.cli.main import main as cli
+from maskdecay_examples.evc.training.rrl import ResidualCandidate, scalable_name
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 KODAK = os.path.abspath(os.path.join(ROOT, "..", "shared", "data", "kodak"))

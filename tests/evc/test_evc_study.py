@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from evc.experiments.study import plan_jobs
+from maskdecay_examples.evc.training.study import plan_jobs
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "evc", "configs")
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-import evc
-from evc.config import config_from_dict, load_config
-from evc.data import RandomCropBatches, load_val_images
-from evc.train import Dist, Hooks, RDObjective, run_training, train
+from maskdecay_examples import evc
+from maskdecay_examples.evc.training.config import Config, config_from_dict, load_config
+from maskdecay_examples.evc.training.data import RandomCropBatches, load_val_images
+from maskdecay_examples.evc.training.train import Dist, Hooks, RDObjective, run_training, train
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 KODAK = os.path.abspath(os.path.join(ROOT, "..", "shared", "data", "kodak"))
@@ -21,7 +21,7 @@ TINY = os.path.join(ROOT, "examples", "evc", "configs", "tiny.yaml")
 needs_kodak = pytest.mark.skipif(not os.path.isdir(KODAK), reason="shared Kodak images not available")
 
 
-def tiny(*overrides: str) -> evc.config.Config:
+def tiny(*overrides: str) -> Config:
     return load_config(TINY, [f"data.train={KODAK}", f"val.data={KODAK}", "val.images=0", *overrides])
 
 
@@ -93,7 +93,7 @@ def test_quantisation_proxy():
 
 @needs_kodak
 def test_resume_continues_identically(tmp_path):
-    """Acceptance 3: N steps straight == killed after step 4 (last checkpoint at 3) + --resume."""
+    """Exact resume: N steps straight == killed after step 4 (last checkpoint at 3) + --resume."""
     cfg = tiny("val.images=1")
     a, _ = train(cfg, str(tmp_path / "a"), progress=False)
     _, s = train(cfg, str(tmp_path / "b"), stop_after=4, progress=False)
@@ -145,9 +145,10 @@ def test_nonfinite_guard_and_bf16(tmp_path):
 
 @needs_kodak
 def test_torchrun_two_processes_gloo(tmp_path):
-    """Acceptance 4: `torchrun --nproc_per_node=2 -m evc train` on CPU (gloo)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.join(ROOT, "examples")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m", "evc",
+    """`torchrun --nproc_per_node=2 -m maskdecay_examples.evc train` on CPU (gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541", "-m",
+           "maskdecay_examples.evc",
            "train", "--config", TINY, "--out", str(tmp_path), "--no-progress", "--set", f"data.train={KODAK}",
            "--set", "val.images=0", "--set", "train.steps=3"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)

@@ -1,10 +1,7 @@
-"""``import resnet`` resolves to examples/resnet (see tests/example_packages.py); ResNet tests run on one thread."""
-from __future__ import annotations
-
+"""ResNet tests run on one torch thread."""
 import pytest
 
-from example_packages import one_thread, use_example_package
 
-use_example_package("resnet")
-
-_single_thread = pytest.fixture(autouse=True)(one_thread)
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread) -> None:
+    """Every ResNet test on one thread (the fixture of tests/conftest.py)."""

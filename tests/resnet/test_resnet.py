@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 import maskdecay as md
-from resnet import config, data, methods, models, pipeline, speedup, study, training
-from resnet.__main__ import main as cli
-from resnet.report import table
-from tiny_cifar import cifar_tar
+from maskdecay_examples.resnet import config, data, methods, models, pipeline, speedup, study, training
+from maskdecay_examples.resnet.__main__ import main as cli
+from maskdecay_examples.resnet.report import table
+from tests.resnet.tiny_cifar import cifar_tar
 
 
 @pytest.fixture(scope="module")

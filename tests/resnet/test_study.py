@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import maskdecay as md
-from resnet import config, pipeline, study, study_report
-from resnet.data import Split
-from resnet.stream import StepStream, carve
+from maskdecay_examples.resnet import config, pipeline, study, study_report
+from maskdecay_examples.resnet.data import Split
+from maskdecay_examples.resnet.stream import StepStream, carve
 
-from tiny_cifar import cifar_tar
+from tests.resnet.tiny_cifar import cifar_tar
 
 
 def _split(n: int) -> Split:

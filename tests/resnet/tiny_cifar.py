@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from resnet.data import CLASSES
+from maskdecay_examples.resnet.data import CLASSES
 
 
 def cifar_tar(path: Path, n: int, seed: int) -> Path:

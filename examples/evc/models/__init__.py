@@ -1,0 +1,2 @@
+"""EVC models: layers, the architectures and their registry, the entropy bottleneck, building and checkpoint
+loading."""
