@@ -38,7 +38,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch_pruning as tp
 from tqdm import tqdm
 
@@ -50,7 +49,7 @@ from .data import DATA_NOTE, Split, load_any, resolve
 from .methods import TP_FORMAT, example_input
 from .models import build
 from .stream import StepStream, carve
-from .training import evaluate, sgd, warmup_cosine
+from .training import evaluate, sgd, sgd_step, warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,8 @@ NO_STRENGTH: tuple[str, ...] = ("hard", "tp_l1")
 # ---------------------------------------------------------------------------------------------------------- config
 @dataclass
 class StudyData:
+    """Where the data are; ``val_size`` images are held out of the training set (0: none)."""
+
     path: str | None = "../shared/data/cifar10"
     train: str | None = None
     test: str | None = None
@@ -74,6 +75,8 @@ class StudyData:
 
 @dataclass
 class StudyTeacher:
+    """The teacher's schedule: warm-up epochs, then a cosine to 0 at ``epochs``."""
+
     epochs: int = 30
     batch_size: int = 128
     lr: float = 0.1
@@ -84,6 +87,8 @@ class StudyTeacher:
 
 @dataclass
 class StudyPrune:
+    """Budgets, methods, schedule, strength grids (``sweep``), seeds of the pruning runs."""
+
     budgets: list[float] = field(default_factory=lambda: [0.5, 0.3])
     methods: list[str] = field(default_factory=lambda: list(STUDY_METHODS[:-1]))
     ablation_budgets: list[float] = field(default_factory=lambda: [0.5])
@@ -124,6 +129,9 @@ class StudyPrune:
 
 @dataclass
 class StudyConfig:
+    """A study: the sections above plus device, precision (``amp``: bf16 autocast), memory format of the pruning
+    phases and an optional time budget (``fit_minutes``)."""
+
     name: str = "study"
     out: str | None = None
     seed: int = 0
@@ -228,17 +236,7 @@ def train_steps(model: nn.Module, opt: torch.optim.Optimizer, stream: StepStream
         xb, yb = stream.batch(i)
         for g in opt.param_groups:
             g["lr"] = base_lr * lr_at(i)
-        with torch.autocast(stream.device.type, torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(model(xb), yb)
-            total = loss + penalty() if penalty is not None else loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        if before_step is not None:
-            before_step()
-        opt.step()
-        if after_step is not None:
-            after_step()
-        run_loss += loss.detach()
+        run_loss += sgd_step(model, opt, xb, yb, penalty, before_step, after_step, amp)
         bar.update(1)
         if (i + 1) % spe == 0 or i + 1 == last:
             n = (i % spe) + 1

@@ -40,6 +40,24 @@ def warmup_cosine(total: int, warmup: int = 0) -> Callable[[int], float]:
     return f
 
 
+def sgd_step(model: nn.Module, opt: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor,
+             penalty: Callable[[], torch.Tensor] | None = None, before_step: Callable[[], None] | None = None,
+             after_step: Callable[[], None] | None = None, amp: bool = False) -> torch.Tensor:
+    """One optimizer step on cross-entropy (+ ``penalty()``); the hooks as in :func:`run_steps`; ``amp``: bf16
+    autocast on the batch's device. Returns the detached task loss (a tensor: reading it is up to the caller)."""
+    with torch.autocast(xb.device.type, torch.bfloat16, enabled=amp):
+        loss = F.cross_entropy(model(xb), yb)
+        total = loss + penalty() if penalty is not None else loss
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    if before_step is not None:
+        before_step()
+    opt.step()
+    if after_step is not None:
+        after_step()
+    return loss.detach()
+
+
 def run_steps(model: nn.Module, opt: torch.optim.Optimizer, stream: BatchStream, steps: int,
               lr_at: Callable[[int], float], desc: str, penalty: Callable[[], torch.Tensor] | None = None,
               before_step: Callable[[], None] | None = None, after_step: Callable[[], None] | None = None) -> float:
@@ -58,16 +76,8 @@ def run_steps(model: nn.Module, opt: torch.optim.Optimizer, stream: BatchStream,
         xb, yb = next(stream)
         for g, lr in zip(opt.param_groups, base):
             g["lr"] = lr * lr_at(i)
-        loss = F.cross_entropy(model(xb), yb)
-        total = loss + penalty() if penalty is not None else loss
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        if before_step is not None:
-            before_step()
-        opt.step()
-        if after_step is not None:
-            after_step()
-        losses.append(float(loss.detach()))
+        loss = sgd_step(model, opt, xb, yb, penalty, before_step, after_step)
+        losses.append(float(loss))
         if i % 25 == 0:
             bar.set_postfix(loss=f"{sum(losses[-25:]) / len(losses[-25:]):.3f}", refresh=False)
     for g, lr in zip(opt.param_groups, base):
