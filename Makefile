@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo evc-demo clean
+.PHONY: setup test demo evc-demo gpu-prep clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,17 @@ demo: $(STAMP)
 # EVC end to end at a tiny scale: train -> decay to EVC_SS -> RRL -> Kodak real bitstreams -> RD plot, BD-rates
 evc-demo: $(STAMP)
 	$(BIN)/python -m maskdecay_examples.evc.cli.demo --out runs/evc_demo
+
+# Inputs of benchmarks/resnet_gpu.sh for a GPU machine that has no copy of the data and no torch-pruning: the
+# CIFAR-10 tars gzipped into .gpudata/ and the torch-pruning wheel into .whl/ (both git-ignored, both carried).
+GPU_DATA ?= ../shared/data/cifar10
+gpu-prep: $(STAMP)
+	mkdir -p .gpudata .whl
+	for f in .gpudata .whl; do grep -qx "/$$f/" "$$(git rev-parse --git-path info/exclude)" 2>/dev/null || \
+		echo "/$$f/" >> "$$(git rev-parse --git-path info/exclude)"; done
+	for s in train test; do gzip -1 -c $(GPU_DATA)/$$s.tar > .gpudata/$$s.tar.gz; done
+	$(BIN)/pip download -q --no-deps --only-binary=:all: -d .whl \
+		torch-pruning==$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('torch-pruning'))")
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
