@@ -37,7 +37,7 @@ ARGS=(--config examples/resnet/configs/resnet56_gpu.yaml --set "out=$WORK/study"
       --set data.cache=false --set "device=$DEVICE")
 if [[ "${SMALL:-0}" == 1 ]]; then
     ARGS+=(--set arch=resnet8 --set teacher.epochs=1 --set data.train_subset=2000 --set data.test_subset=500
-           --set fit_minutes=6 --set channels_last=false --set amp=false --set teacher.batch_size=32 --set prune.batch_size=32)
+           --set fit_minutes=6 --set threads=1 --set channels_last=false --set amp=false --set teacher.batch_size=32 --set prune.batch_size=32)
 fi
 
 running() { [[ -f "$WORK/pid" ]] && kill -0 "$(cat "$WORK/pid")" 2> /dev/null; }

@@ -27,11 +27,18 @@ ABLATION = {"hard": "ceiling only (hard decay)", "sparsity_loss_only": "loss onl
             "sparsity": "loss + ceiling (sparsity loss)"}
 
 
+def _acc(v: float | None) -> str:
+    """An accuracy, or a dash where there is none (no validation split)."""
+    return "–" if v is None else f"{v:.2f}"
+
+
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _pm(values: list[float]) -> str:
+def _pm(values: list[float | None]) -> str:
+    if any(v is None for v in values):
+        return "–"
     m, sd = _mean_sd(values)
     return f"{m:.2f} ± {sd:.2f} (n={len(values)})" if len(values) > 1 else f"{m:.2f}"
 
@@ -101,7 +108,7 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
     lines = [f"Data: {DATA_NOTE}; {t['n_train']:,} training, {t['n_val']:,} validation (held out of the training "
              f"set), {t['n_test']:,} test images. Machine: {t['machine']}, {t['threads']} threads.", "",
              f"**Teacher** ({summary['arch']}, {len(t['curve'])} epochs, {t['train_seconds'] / 60:.0f} min): "
-             f"**{last['test_accuracy']:.2f} %** test, {last['val_accuracy']:.2f} % validation, "
+             f"**{last['test_accuracy']:.2f} %** test, {_acc(last['val_accuracy'])} % validation, "
              f"{summary['teacher_macs'] / 1e6:.2f} M MACs.", ""]
     seed0, by_seed = _seed0(summary), _by_seed(summary)
     methods = [m for m in p["methods"]]
@@ -122,19 +129,19 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
                 lines.append(f"| {m} | {budget:g} | (not run yet) | | | | |" + (" | |" if lat else ""))
                 continue
             s = "–" if f["strength"] is None else f"{f['strength']:g}"
-            row = (f"| {m} | {budget:g} | {s} | {f['test_accuracy']:.2f} | {f['accuracy_after_cut_val']:.2f} | "
+            row = (f"| {m} | {budget:g} | {s} | {f['test_accuracy']:.2f} | {_acc(f['accuracy_after_cut_val'])} | "
                    f"{f['macs'] / 1e6:.2f} M | {f['params'] / 1e3:.0f} k |")
             if lat:
                 row += f" {lat[f['run']]:.2f} ms | {lat['teacher'] / lat[f['run']]:.2f} |"
             lines.append(row)
-    lines += ["", "**Strength sweeps** (validation accuracy after the decay and 1 epoch of fine-tuning; best in bold):",
-              "", "| method | budget | strength → validation accuracy |", "|---|---|---|"]
-    for (m, budget), f in seed0.items():
-        if f["sweep"]:
-            best = f["strength"]
-            pts = ", ".join((f"**{q['strength']:g} → {q['val_accuracy']:.2f}**" if q["strength"] == best else
-                             f"{q['strength']:g} → {q['val_accuracy']:.2f}") for q in f["sweep"])
-            lines.append(f"| {m} | {budget:g} | {pts} |")
+    swept = [(m, budget, f) for (m, budget), f in seed0.items() if f["sweep"]]
+    if swept:
+        lines += ["", "**Strength sweeps** (validation accuracy after the decay and 1 epoch of fine-tuning; best in "
+                  "bold):", "", "| method | budget | strength → validation accuracy |", "|---|---|---|"]
+    for m, budget, f in swept:
+        pts = ", ".join((f"**{q['strength']:g} → {q['val_accuracy']:.2f}**" if q["strength"] == f["strength"] else
+                         f"{q['strength']:g} → {q['val_accuracy']:.2f}") for q in f["sweep"])
+        lines.append(f"| {m} | {budget:g} | {pts} |")
     multi = {k: v for k, v in by_seed.items() if len(v) > 1}
     if multi:
         lines += ["", "**Seeds** (same teacher; seeds change the batches and augmentation of the pruning run):", "",
@@ -157,8 +164,15 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
                 g = mask_gap(json.loads(hist.read_text()))
                 s = "–" if f["strength"] is None else f"{f['strength']:g}"
                 lines.append(f"| {ABLATION[m]} | {b:g} | {s} | {f['test_accuracy']:.2f} | "
-                             f"{f['accuracy_after_cut_val']:.2f} | {g['max_gap']:.4f} | {g['mean_gap']:.4f} | "
+                             f"{_acc(f['accuracy_after_cut_val'])} | {g['max_gap']:.4f} | {g['mean_gap']:.4f} | "
                              f"{g['cut_jump']:.4f} |")
+    plan = out / "plan.json"
+    if plan.is_file():
+        pl = json.loads(plan.read_text())
+        lines += ["", f"Schedule sized to {pl['fit_minutes']:g} minutes on {pl['device']} from measured steps "
+                  f"({1e3 * pl['seconds_per_step']['teacher']:.1f} / {1e3 * pl['seconds_per_step']['decay']:.1f} / "
+                  f"{1e3 * pl['seconds_per_step']['student']:.1f} ms per teacher / decay / student step): "
+                  f"{pl['decay_epochs']} decay + {pl['finetune_epochs']} fine-tuning epochs per method."]
     runs = compute(out)
     lines += ["", f"Compute: teacher {t['train_seconds'] / 3600:.1f} h, {runs['runs']} pruning runs (sweep points, "
               f"finals, seeds) {runs['seconds'] / 3600:.1f} h, on {t['machine']}, {t['threads']} threads."]
