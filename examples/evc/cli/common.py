@@ -14,7 +14,7 @@ from ..coding.bitstream import q_scale_error
 from ..coding.codec import MAX_DECODE_MEMORY, MAX_DECODE_PIXELS
 from ..engines.base import Engine, state_key
 from ..engines.fast import DTYPES, FastEngine
-from ..models.architectures import EVC
+from ..models.architectures import ARCHS, EVC
 from ..models.zoo import build_model, load_model
 
 __all__ = ["CLIError", "Parser", "parse_size", "unit_float", "pos_float", "resolve_model", "check_cuda_graphs",
@@ -90,6 +90,12 @@ def resolve_model(spec: str, arch: str | None, device: str) -> EVC:
         pass
     if key is not None and key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
+    if key is None:  # no such file: say what --model accepts instead
+        base = os.path.basename(spec).split(".")[0].removesuffix("_MD").removesuffix("_MDRRL")
+        guess = base if base in ARCHS or base.removeprefix("mini_") in ARCHS else "EVC_SS"
+        raise CLIError(f"{spec}: no such checkpoint file; for random weights use --model random:{guess}; the official "
+                       "checkpoints (e.g. EVC_SS_MD.pth.tar) are linked from checkpoints/download.py of the official "
+                       "code (github.com/microsoft/DCVC, DCVC-family/EVC), see docs/evc_codec.md")
     model = load_model(spec, arch=arch, device=device)
     if key is not None:
         if len(_MODEL_CACHE) >= 2:
