@@ -99,7 +99,7 @@ def test_real_streams_pass_the_payload_bound(mini, image):
     ctx = coding_context(mini)
     for ri in range(4):
         data = evc.compress(mini, image, evc.select_rate(mini, rate_index=ri)).data
-        assert (len(data) - 40) * 8 > min_payload_bits(ctx, mini, 40, 72)
+        assert (len(data) - 40) * 8 > min_payload_bits(ctx.z_tables, ctx.y_tables, mini, 40, 72)
 
 
 def test_decoder_memory_is_bounded_and_the_error_names_the_option(mini, stream, tmp_path, capsys):

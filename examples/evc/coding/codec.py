@@ -35,6 +35,7 @@ from .entropy import (
     scale_to_index,
     tables_crc,
 )
+from .limits import MAX_DECODE_MEMORY, MAX_DECODE_PIXELS, PAD, decode_memory_estimate, min_payload_bits
 from .rate import RateSpec, curr_q64
 
 log = logging.getLogger(__name__)
@@ -42,19 +43,6 @@ log = logging.getLogger(__name__)
 __all__ = ["PAD", "MAX_DECODE_PIXELS", "MAX_DECODE_MEMORY", "CodingContext", "coding_context", "weights_hash",
            "compress", "decompress", "reconstruct", "EncodeResult", "DecodeResult", "pad_image", "check_enc_id",
            "decode_memory_estimate", "min_payload_bits"]
-
-PAD = 64
-#: default limit of :func:`decompress` on the declared image size (8192 x 8192)
-MAX_DECODE_PIXELS = 1 << 26
-#: default limit of :func:`decompress` on its estimated peak memory (bytes, see :func:`decode_memory_estimate`)
-MAX_DECODE_MEMORY = 8 << 30
-#: peak-memory model of a decode: bytes per padded pixel per unit of the decoder's width sum c1/4 + c2/16 + c3/64 +
-#: c4/256 (the activation sizes per pixel at the four synthesis scales), by (reference engine, exact synthesis);
-#: measured with EVC_SS on the CPU (VmHWM at 256x256 and 768x512) and rounded up by 10 %
-_MEM_PER_PIXEL = {(True, True): 90.0, (True, False): 62.0, (False, True): 44.0, (False, False): 28.0}
-#: what a decode needs besides the image-sized buffers (torch, the model, the tables)
-_MEM_BASE = 512 << 20
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # per-model coding context
@@ -103,30 +91,6 @@ def check_enc_id(model: EVC, enc_id: int | None) -> None:
         raise ValueError(f"enc_id applies to scalable models only; {model.name} has a single encoder")
     if not 0 <= int(enc_id) < model.enc_num:
         raise ValueError(f"enc_id must be in 0..{model.enc_num - 1}, got {enc_id}")
-
-
-def decode_memory_estimate(model: EVC, height: int, width: int, exact_synthesis: bool = True,
-                           reference: bool = True) -> int:
-    """Estimated peak memory (bytes) of decoding a ``height`` x ``width`` image with ``model``: linear in the padded
-    pixel count and the decoder's widths; ``reference``: the reference engine (the default of :func:`decompress`),
-    else a fast engine."""
-    hp = height + (-height) % PAD
-    wp = width + (-width) % PAD
-    c1, c2, c3, c4 = model.dec_widths
-    width_sum = c1 / 4 + c2 / 16 + c3 / 64 + max(c4, model.N) / 256
-    return int(_MEM_BASE + hp * wp * _MEM_PER_PIXEL[(bool(reference), bool(exact_synthesis))] * width_sum)
-
-
-def min_payload_bits(ctx: CodingContext, model: EVC, height: int, width: int) -> float:
-    """The fewest payload bits a stream of a ``height`` x ``width`` image can have: every symbol costs at least
-    the code length of the most probable bin of its table (the ANS state's 64 bits are granted as slack)."""
-    hp = height + (-height) % PAD
-    wp = width + (-width) % PAD
-    n_z = (hp // 64) * (wp // 64)
-    n_y = model.N * (hp // 16) * (wp // 16)
-    z_bits = sum(-np.log2(t.freqs.max() / t.freqs.sum()) for t in ctx.z_tables) * n_z
-    y_bits = min(-np.log2(t.freqs.max() / t.freqs.sum()) for t in ctx.y_tables) * n_y
-    return float(z_bits + y_bits) - 64.0
 
 
 def _engine(model: EVC, engine: Engine | None) -> Engine:
@@ -477,7 +441,7 @@ def decompress(model: EVC, data: bytes, device: torch.device | str | None = None
             f"but the given model is {model.name} with weights {ctx.weights_hash.hex()}: use the encoder's checkpoint")
     if hdr.tables_crc != ctx.tables_crc:
         raise bs.BitstreamError("entropy tables differ from the encoder's (same weights, different numerics?)")
-    if len(payload) * 8 < min_payload_bits(ctx, model, hdr.height, hdr.width):
+    if len(payload) * 8 < min_payload_bits(ctx.z_tables, ctx.y_tables, model, hdr.height, hdr.width):
         raise bs.BitstreamError(f"corrupt stream (a {hdr.width}x{hdr.height} image needs more than the "
                                 f"{len(payload)} payload bytes)")
     times: dict[str, float] = {}
