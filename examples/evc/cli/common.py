@@ -56,14 +56,20 @@ def unit_float(s: str) -> float:
     return v
 
 
-def pos_float(s: str) -> float:
-    """A finite positive number (``--q-scale``)."""
+def _positive(s: str, option: str) -> float:
+    """``s`` as a finite positive number, or an argparse error naming ``option``."""
     try:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
     if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"--q-scale must be a positive number, got {s}")
+        raise argparse.ArgumentTypeError(f"{option} must be a positive number, got {s}")
+    return v
+
+
+def pos_float(s: str) -> float:
+    """A finite positive number in the shared q_scale range (``--q-scale``)."""
+    v = _positive(s, "--q-scale")
     err = q_scale_error(float(np.float32(v)))
     if err is not None:
         raise argparse.ArgumentTypeError(f"--q-scale: {err}")
@@ -196,13 +202,7 @@ def add_rate_args(p: argparse.ArgumentParser) -> None:
 
 def gib(s: str) -> float:
     """A positive number of GiB (``--max-memory``)."""
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"--max-memory must be a positive number of GiB, got {s}")
-    return v
+    return _positive(s, "--max-memory (GiB)")
 
 
 def pos_int(s: str) -> int:
