@@ -25,21 +25,27 @@ test: $(STAMP)
 DEMO_TEACHER ?= benchmarks/resnet_study/teacher.pt
 DEMO_SETS := $(if $(RETRAIN),,$(if $(wildcard $(DEMO_TEACHER)),--set teacher.checkpoint=$(DEMO_TEACHER) --set name=demo-converged))
 
+# Where the data sets live (README, "Data"): DATA/cifar10 (train.tar, test.tar), DATA/kodak (PNGs),
+# DATA/train/imagenet_samples (training images of the EVC demo). Override with `make demo DATA=/path/to/data`.
+DATA ?= ../shared/data
+
 demo: $(STAMP)
-	$(BIN)/python -m maskdecay_examples.resnet prune --config examples/resnet/configs/demo.yaml $(DEMO_SETS)
+	@test -f $(DATA)/cifar10/train.tar || { echo "make demo: $(DATA)/cifar10/train.tar not found: set DATA to the folder holding cifar10/ (make demo DATA=/path/to/data; README, Data)" >&2; exit 2; }
+	$(BIN)/python -m maskdecay_examples.resnet prune --config examples/resnet/configs/demo.yaml --set data.path=$(DATA)/cifar10 $(DEMO_SETS)
 
 # EVC end to end at a tiny scale: train -> decay to EVC_SS -> RRL -> Kodak real bitstreams -> RD plot, BD-rates
 evc-demo: $(STAMP)
-	$(BIN)/python -m maskdecay_examples.evc.cli.demo --out runs/evc_demo
+	@for d in $(DATA)/kodak $(DATA)/train/imagenet_samples; do test -d $$d || { echo "make evc-demo: $$d not found: set DATA to the folder holding kodak/ and train/ (make evc-demo DATA=/path/to/data; README, Data)" >&2; exit 2; }; done
+	$(BIN)/python -m maskdecay_examples.evc.cli.demo --out runs/evc_demo --data $(DATA)
 
 # Inputs of benchmarks/resnet_gpu.sh for a GPU machine that has no copy of the data and no torch-pruning: the
 # CIFAR-10 tars gzipped into .gpudata/ and the torch-pruning wheel into .whl/ (both git-ignored, both carried).
-GPU_DATA ?= ../shared/data/cifar10
+
 gpu-prep: $(STAMP)
 	mkdir -p .gpudata .whl
 	for f in .gpudata .whl; do grep -qx "/$$f/" "$$(git rev-parse --git-path info/exclude)" 2>/dev/null || \
 		echo "/$$f/" >> "$$(git rev-parse --git-path info/exclude)"; done
-	for s in train test; do gzip -1 -c $(GPU_DATA)/$$s.tar > .gpudata/$$s.tar.gz; done
+	for s in train test; do gzip -1 -c $(DATA)/cifar10/$$s.tar > .gpudata/$$s.tar.gz; done
 	$(BIN)/pip download -q --no-deps --only-binary=:all: -d .whl \
 		torch-pruning==$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('torch-pruning'))")
 

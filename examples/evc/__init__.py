@@ -13,7 +13,8 @@ and :mod:`.coding` -> :mod:`.engines` -> :mod:`.models`. See ARCHITECTURE.md.
 """
 from .cli.imageio import load_image, save_image
 from .coding.bitstream import BitstreamError, Header
-from .coding.codec import DecodeResult, EncodeResult, compress, decompress, reconstruct, weights_hash
+from .coding.codec import (MAX_DECODE_MEMORY, MAX_DECODE_PIXELS, DecodeResult, EncodeResult, compress, decompress,
+                           reconstruct, weights_hash)
 from .coding.rate import RateSpec, select_rate
 from .models.architectures import ARCHS, EVC, WIDTHS, ScalableEVC
 from .models.zoo import CheckpointError, build_model, infer_config, load_model, save_model
@@ -34,6 +35,8 @@ __all__ = [
     "select_rate",
     "compress",
     "decompress",
+    "MAX_DECODE_PIXELS",
+    "MAX_DECODE_MEMORY",
     "reconstruct",
     "EncodeResult",
     "DecodeResult",

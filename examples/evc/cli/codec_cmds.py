@@ -8,12 +8,12 @@ import sys
 from typing import Any
 
 from ..coding.bitstream import unpack
-from ..coding.codec import compress, decompress
+from ..coding.codec import check_enc_id, compress, decompress
 from ..coding.rate import select_rate
 from ..fileio import atomic_write_bytes
 from ..models.architectures import ARCH_CODES
-from .common import (add_engine_args, add_model_args, add_rate_args, check_out, engine_from_args, read_bytes,
-                     resolve_model, setup_torch)
+from .common import (add_decoder_args, add_engine_args, add_model_args, add_rate_args, check_out, decoder_limits,
+                     engine_from_args, read_bytes, resolve_model, setup_torch)
 from .imageio import load_image, save_image
 
 __all__ = ["add_parsers", "cmd_encode", "cmd_decode", "cmd_info"]
@@ -34,11 +34,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("input")
     p.add_argument("output")
     add_model_args(p)
-    p.add_argument("--max-pixels", type=int, default=1 << 26,
-                   help="refuse streams declaring more pixels than this (default 2^26)")
-    p.add_argument("--fast-synthesis", action="store_true",
-                   help="float32 synthesis (about 3-4x faster on CPU; the image may then differ in the last bit "
-                        "between thread counts/machines; default is the exact, bit-reproducible synthesis)")
+    add_decoder_args(p)
     add_engine_args(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
     p.set_defaults(handler=cmd_decode)
@@ -56,6 +52,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if note:
         print(f"note: {note}", file=sys.stderr)
     model = resolve_model(args.model, args.arch, args.device)
+    check_enc_id(model, args.enc_id)
     rate = select_rate(model, q=args.q, q_scale=args.q_scale, rate_index=args.rate_index)
     res = compress(model, x.to(args.device), rate, enc_id=args.enc_id, flags=flags,
                    engine=engine_from_args(args, model))
@@ -84,8 +81,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     data = read_bytes(args.input)
     unpack(data)  # fail fast on a corrupt stream, before loading the model
     model = resolve_model(args.model, args.arch, args.device)
-    out = decompress(model, data, max_pixels=args.max_pixels, exact_synthesis=not args.fast_synthesis,
-                     engine=engine_from_args(args, model))
+    out = decompress(model, data, engine=engine_from_args(args, model), **decoder_limits(args))
     save_image(args.output, out.x_hat)
     h = out.header
     info = {"input": args.input, "output": args.output, "width": h.width, "height": h.height, "q_scale": h.q_scale,

@@ -7,16 +7,19 @@ import math
 import os
 from typing import Any
 
+import numpy as np
 import torch
 
+from ..coding.bitstream import q_scale_error
+from ..coding.codec import MAX_DECODE_MEMORY, MAX_DECODE_PIXELS
 from ..engines.base import Engine, state_key
 from ..engines.fast import DTYPES, FastEngine
-from ..models.architectures import EVC
+from ..models.architectures import ARCHS, EVC
 from ..models.zoo import build_model, load_model
 
 __all__ = ["CLIError", "Parser", "parse_size", "unit_float", "pos_float", "resolve_model", "check_cuda_graphs",
            "setup_torch", "engine_from_args", "read_bytes", "check_out", "add_model_args", "add_engine_args",
-           "add_rate_args"]
+           "add_rate_args", "add_decoder_args", "decoder_limits"]
 
 
 class CLIError(Exception):
@@ -53,14 +56,23 @@ def unit_float(s: str) -> float:
     return v
 
 
-def pos_float(s: str) -> float:
-    """A finite positive number (``--q-scale``)."""
+def _positive(s: str, option: str) -> float:
+    """``s`` as a finite positive number, or an argparse error naming ``option``."""
     try:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
     if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"--q-scale must be a positive number, got {s}")
+        raise argparse.ArgumentTypeError(f"{option} must be a positive number, got {s}")
+    return v
+
+
+def pos_float(s: str) -> float:
+    """A finite positive number in the shared q_scale range (``--q-scale``)."""
+    v = _positive(s, "--q-scale")
+    err = q_scale_error(float(np.float32(v)))
+    if err is not None:
+        raise argparse.ArgumentTypeError(f"--q-scale: {err}")
     return v
 
 
@@ -84,6 +96,12 @@ def resolve_model(spec: str, arch: str | None, device: str) -> EVC:
         pass
     if key is not None and key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
+    if key is None:  # no such file: say what --model accepts instead
+        base = os.path.basename(spec).split(".")[0].removesuffix("_MD").removesuffix("_MDRRL")
+        guess = base if base in ARCHS or base.removeprefix("mini_") in ARCHS else "EVC_SS"
+        raise CLIError(f"{spec}: no such checkpoint file; for random weights use --model random:{guess}; the official "
+                       "checkpoints (e.g. EVC_SS_MD.pth.tar) are linked from checkpoints/download.py of the official "
+                       "code (github.com/microsoft/DCVC, DCVC-family/EVC), see docs/evc_codec.md")
     model = load_model(spec, arch=arch, device=device)
     if key is not None:
         if len(_MODEL_CACHE) >= 2:
@@ -94,7 +112,7 @@ def resolve_model(spec: str, arch: str | None, device: str) -> EVC:
 
 def setup_torch(args: argparse.Namespace) -> None:
     """Apply ``--threads`` and check that a requested CUDA device exists."""
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
         if args.threads < 1:
             raise CLIError("--threads must be >= 1")
         torch.set_num_threads(args.threads)
@@ -176,7 +194,47 @@ def add_rate_args(p: argparse.ArgumentParser) -> None:
     """``--q`` | ``--q-scale`` | ``--rate-index``, and ``--enc-id``."""
     g = p.add_mutually_exclusive_group()
     g.add_argument("--q", type=unit_float, help="rate in [0,1]: 0 = lowest-rate anchor, 1 = highest (default 1)")
-    g.add_argument("--q-scale", type=pos_float, help="explicit q_scale (> 0)")
+    g.add_argument("--q-scale", type=pos_float, help="explicit q_scale in [2^-20, 2^20]")
     g.add_argument("--rate-index", type=int, help="anchor index 0..3")
     p.add_argument("--enc-id", type=int, default=None,
                    help="scalable models: use encoders 0..ENC_ID only (default: all, RD choice)")
+
+
+def gib(s: str) -> float:
+    """A positive number of GiB (``--max-memory``)."""
+    return _positive(s, "--max-memory (GiB)")
+
+
+def pos_int(s: str) -> int:
+    """A positive integer (``--max-pixels``, ``--limit``)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def add_decoder_args(p: argparse.ArgumentParser) -> None:
+    """``--exact-synthesis`` (``--fast-synthesis``, the default, stays accepted), ``--max-pixels``,
+    ``--max-memory``."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--exact-synthesis", action="store_true",
+                   help="draw the picture with the exact float64 synthesis: the image is then identical bit for bit "
+                        "on every machine, thread count and engine (conformance; about 2x slower decode on CPU). "
+                        "Default: the float32 synthesis (the decoded latents are exact either way; the image may "
+                        "differ in the last bit between machines)")
+    g.add_argument("--fast-synthesis", action="store_true",
+                   help="the float32 synthesis (the default; accepted for older scripts)")
+    p.add_argument("--max-pixels", type=pos_int, default=MAX_DECODE_PIXELS,
+                   help=f"refuse streams declaring more pixels than this (default {MAX_DECODE_PIXELS})")
+    p.add_argument("--max-memory", type=gib, default=MAX_DECODE_MEMORY / 2 ** 30, metavar="GIB",
+                   help="refuse streams whose estimated decoding memory exceeds this many GiB "
+                        f"(default {MAX_DECODE_MEMORY / 2 ** 30:g})")
+
+
+def decoder_limits(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of :func:`decompress` that :func:`add_decoder_args` sets."""
+    return {"max_pixels": args.max_pixels, "max_memory": int(args.max_memory * 2 ** 30),
+            "exact_synthesis": bool(args.exact_synthesis)}

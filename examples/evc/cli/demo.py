@@ -55,16 +55,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/evc_demo")
     ap.add_argument("--config", default=CONFIG)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    ap.add_argument("--kodak", default="../shared/data/kodak")
+    ap.add_argument("--data", default=None,
+                    help="data folder holding kodak/ and train/imagenet_samples/ (make evc-demo DATA=...); sets "
+                         "--kodak and the config's data.train and val.data")
+    ap.add_argument("--kodak", default=None, help="Kodak folder (default: the config's val.data)")
     ap.add_argument("--eval-images", type=int, default=4, help="Kodak images to code (default 4)")
     ap.add_argument("--eval-crop", default="256x256", help="centre crop for coding (default 256x256)")
     args = ap.parse_args(argv)
     t0 = time.time()
     out = args.out
+    if args.data is not None:
+        args.overrides = [f"data.train={json.dumps(os.path.join(args.data, 'train', 'imagenet_samples'))}",
+                          f"val.data={json.dumps(os.path.join(args.data, 'kodak'))}", *args.overrides]
     cfg = load_config(args.config, args.overrides)
+    args.kodak = args.kodak or cfg.val.data
     for path in (cfg.data.train, args.kodak):
         if not os.path.isdir(path):
-            raise SystemExit(f"evc demo: {path}: data folder not found (run from the repository root)")
+            raise SystemExit(f"evc demo: {path}: data folder not found; pass the data folder with --data DIR "
+                             "(make evc-demo DATA=DIR; README, Data)")
     stamps = {}
     teacher_dir = os.path.join(out, "teacher")
     train(cfg, teacher_dir, resume=True)
@@ -94,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\ntimes (s): " + ", ".join(f"{k} {v:.0f}" for k, v in stamps.items())
           + f", total {time.time() - t0:.0f}")
     print(f"results: {out}/ (rd.png, *.json, teacher/, ss/, rrl/ with logs and checkpoints)")
+    print(f"code your own image with the EVC_SS student: evc encode IMAGE.png OUT.evc --model {ss['path']}")
+    print(f"and decode it: evc decode OUT.evc OUT.png --model {ss['path']}")
     return 0
 
 

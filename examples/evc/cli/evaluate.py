@@ -12,12 +12,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..coding.codec import compress, decompress
+from ..coding.codec import check_enc_id, compress, decompress
 from ..coding.rate import interp_log, select_rate
 from ..fileio import atomic_write_bytes
 from ..training.metrics import bd_rate, load_results, ms_ssim, plot_rd, psnr
-from .common import (CLIError, add_engine_args, add_model_args, check_out, engine_from_args, parse_size, resolve_model,
-                     setup_torch)
+from .common import (CLIError, add_engine_args, add_model_args, check_out, engine_from_args, parse_size, pos_int,
+                     resolve_model, setup_torch)
 from .imageio import load_image, to_uint8
 
 __all__ = ["add_parsers", "cmd_eval", "cmd_bdrate", "cmd_plot"]
@@ -32,14 +32,18 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--rates", type=int, default=4,
                    help="number of rate points: = anchor count uses the anchors, otherwise log-spaced q_scales "
                         "from the first to the last anchor (default 4)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by name)")
+    p.add_argument("--limit", type=pos_int, default=None, help="only the first N images (sorted by name), N >= 1")
     p.add_argument("--crop", type=parse_size, default=None, help="centre-crop every image to WxH (quick runs)")
     p.add_argument("--name", default=None, help="name recorded in the JSON (default: model name)")
     p.add_argument("--verify", action="store_true",
                    help="also check decoded == encoder-side reconstruction (slower)")
     p.add_argument("--enc-id", type=int, default=None, help="scalable models: encoders 0..ENC_ID only")
-    p.add_argument("--fast-synthesis", action="store_true",
-                   help="decode with the float synthesis (faster; PSNR within ~1e-4 dB of the default exact one)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--exact-synthesis", action="store_true",
+                   help="decode with the exact float64 synthesis (bit-exact conformance, slower; PSNR within ~1e-4 dB "
+                        "of the default float synthesis; implied by --verify)")
+    g.add_argument("--fast-synthesis", action="store_true",
+                   help="the float32 synthesis (the default; accepted for older scripts)")
     add_engine_args(p)
     p.set_defaults(handler=cmd_eval)
 
@@ -78,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_out(args.json_out)
     exts = (".png", ".bmp", ".tif", ".tiff", ".ppm", ".jpg", ".jpeg", ".webp")
     files = sorted(f for f in os.listdir(args.dataset) if f.lower().endswith(exts))
-    if args.limit:
+    if args.limit is not None:
         files = files[: args.limit]
     if not files:
         raise CLIError(f"{args.dataset}: no images found")
@@ -87,7 +91,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.verify and args.fast_synthesis:
         raise CLIError("--verify compares with the exact synthesis; drop --fast-synthesis")
     model = resolve_model(args.model, args.arch, args.device)
+    check_enc_id(model, args.enc_id)
     eng = engine_from_args(args, model)
+    exact = bool(args.exact_synthesis or args.verify)
     anchors = model.anchors()
     if args.rates == len(anchors):
         rates = [select_rate(model, rate_index=i) for i in range(len(anchors))]
@@ -100,15 +106,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = []
     notes = set()
     bar = tqdm(total=len(files) * len(rates), desc="eval", unit="run", file=sys.stderr)
+    skipped: list[dict[str, str]] = []
     for f in files:
         path = os.path.join(args.dataset, f)
-        x, flags, note = load_image(path)
+        try:
+            x, flags, note = load_image(path)
+        except ValueError as e:  # an unreadable or unsupported image: reported on its own line, skipped
+            bar.write(f"evc: warning: skipped {e}", file=sys.stderr)
+            skipped.append({"image": f, "error": str(e)})
+            bar.update(len(rates))
+            continue
         if note:
             notes.add(note)
         x = _centre_crop(x, args.crop).to(args.device)
         for ri, rate in enumerate(rates):
             res = compress(model, x, rate, enc_id=args.enc_id, flags=flags, return_recon=args.verify, engine=eng)
-            out = decompress(model, res.data, exact_synthesis=not args.fast_synthesis, engine=eng)
+            out = decompress(model, res.data, exact_synthesis=exact, engine=eng)
             if args.verify and not torch.equal(res.x_hat, out.x_hat):
                 raise CLIError(f"{f}: decoded image differs from the encoder-side reconstruction")
             pix = res.width * res.height
@@ -126,6 +139,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"{f} bpp={rows[-1]['bpp']:.3f} psnr={rows[-1]['psnr']:.2f}", refresh=False)
             bar.update(1)
     bar.close()
+    if not rows:
+        raise CLIError(f"{args.dataset}: none of the {len(files)} images could be read")
     for n in sorted(notes):
         print(f"note: {n}", file=sys.stderr)
 
@@ -144,12 +159,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "name": name,
         "description": (f"evc eval: real bitstreams (bpp = file bytes*8/pixels, header included); PSNR/MS-SSIM in "
                         f"RGB on the float reconstruction clamped to [0,1] (official EVC protocol; psnr-rgb-8bit on the "
-                        f"8-bit PNG); means over {len(files)} images; model {args.model}"),
+                        f"8-bit PNG); means over {len(files) - len(skipped)} images; model {args.model}"),
         "results": results,
-        "meta": {"dataset": os.path.abspath(args.dataset), "images": len(files), "crop": args.crop,
+        "meta": {"dataset": os.path.abspath(args.dataset), "images": len(files) - len(skipped),
+                 "skipped": skipped, "crop": args.crop,
                  "device": args.device, "threads": torch.get_num_threads(),
                  "engine": "reference" if args.reference else f"fast {args.dtype}",
-                 "synthesis": "float" if args.fast_synthesis else "exact",
+                 "synthesis": "exact" if exact else "float",
                  "platform": platform.platform(), "python": platform.python_version()},
         "per_image": rows,
     }
@@ -159,7 +175,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{i:>4} {r.q_scale:>8.4f} {results['bpp'][i]:>8.4f} {results['bpp-estimated'][i]:>8.4f} "
               f"{results['psnr-rgb'][i]:>8.3f} {results['ms-ssim-rgb'][i]:>8.5f} {results['encoding_time'][i]:>7.3f} "
               f"{results['decoding_time'][i]:>7.3f}")
-    print(f"wrote {args.json_out}")
+    print(f"wrote {args.json_out}" + (f" ({len(skipped)} unreadable images skipped)" if skipped else ""))
     return 0
 
 

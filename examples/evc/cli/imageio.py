@@ -13,9 +13,14 @@ from ..fileio import atomic_write_bytes
 
 __all__ = ["load_image", "save_image", "to_uint8"]
 
+#: Pillow modes of 16-bit unsigned greyscale samples (full scale 65535)
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N")
+_MODE_NAMES = {"I": "32-bit integer", "F": "32-bit float"}
+
 
 def load_image(path: str | os.PathLike[str]) -> tuple[torch.Tensor, int, str | None]:
-    """Read an image as (1,3,H,W) float32 in [0,1]. Greyscale and alpha inputs are converted to RGB.
+    """Read an image as (1,3,H,W) float32 in [0,1]. Greyscale and alpha inputs are converted to RGB; 16-bit
+    greyscale is scaled by its format's full scale (65535); 32-bit integer or float images are refused.
 
     Returns (tensor, header flags, note or None)."""
     try:
@@ -24,12 +29,17 @@ def load_image(path: str | os.PathLike[str]) -> tuple[torch.Tensor, int, str | N
             mode = im.mode
             flags = 0
             note = None
-            if mode in ("I;16", "I;16B", "I;16L", "I"):
+            if mode in _SIXTEEN_BIT or (mode == "I" and im.format == "PNG"):
+                # 16-bit samples (a PNG's mode "I" holds at most 16 bits): full scale is 65535, whatever the content
                 arr = np.asarray(im, dtype=np.float64)
-                arr = np.clip(arr / (65535.0 if arr.max() > 255 else 255.0), 0, 1)
+                arr = np.clip(arr / 65535.0, 0, 1)
                 arr = (arr * 255.0 + 0.5).astype(np.uint8)
                 im2 = Image.fromarray(arr, "L")
                 mode = "L"
+                note = f"{os.fspath(path)}: 16-bit samples scaled to 8 bits"
+            elif mode in ("I", "F") or mode.startswith(("I;", "F;")):
+                raise ValueError(f"{os.fspath(path)}: unsupported image mode {mode} ({_MODE_NAMES.get(mode, mode)} "
+                                 "samples have no defined full scale); convert it to 8- or 16-bit first")
             else:
                 im2 = im
             if mode in ("L", "LA", "1", "P", "PA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "RGBa", "La"):
@@ -46,10 +56,10 @@ def load_image(path: str | os.PathLike[str]) -> tuple[torch.Tensor, int, str | N
                     parts.append("alpha channel dropped")
                 if not parts:
                     parts.append(f"mode {mode} converted to RGB")
-                note = f"{os.fspath(path)}: " + ", ".join(parts)
+                note = (note + ", " if note else f"{os.fspath(path)}: ") + ", ".join(parts)
                 im2 = im2.convert("RGB")
             elif mode != "RGB":
-                raise ValueError(f"unsupported image mode {mode}")
+                raise ValueError(f"{os.fspath(path)}: unsupported image mode {mode}")
             arr = np.asarray(im2, dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{os.fspath(path)}: cannot read image ({e.__class__.__name__})") from None

@@ -31,6 +31,9 @@ __all__ = [
     "MAX_PIXELS",
     "FLAG_GREY",
     "FLAG_ALPHA",
+    "Q_SCALE_MIN",
+    "Q_SCALE_MAX",
+    "q_scale_error",
     "Header",
     "BitstreamError",
     "pack",
@@ -46,6 +49,18 @@ MAX_SIDE = 1 << 16
 MAX_PIXELS = 1 << 28
 FLAG_GREY = 1
 FLAG_ALPHA = 2
+#: the q_scale range that encoder and decoder both accept (inclusive; powers of two, exact in float32)
+Q_SCALE_MIN = 2.0 ** -20
+Q_SCALE_MAX = 2.0 ** 20
+
+
+def q_scale_error(q_scale: float) -> str | None:
+    """Why ``q_scale`` (as stored: float32) cannot be coded, or None when it is in the shared range. The encoder
+    (:func:`~maskdecay_examples.evc.coding.rate.select_rate`, ``--q-scale``) and the decoder (:func:`unpack`) use
+    this one check, so every stream the encoder writes is one the decoder reads."""
+    if not (Q_SCALE_MIN <= q_scale <= Q_SCALE_MAX):  # False for NaN too
+        return f"q_scale {q_scale:g} outside the supported range [2^-20, 2^20]"
+    return None
 
 
 class BitstreamError(ValueError):
@@ -69,6 +84,9 @@ class Header:
 
 def pack(h: Header, payload: bytes) -> bytes:
     """Serialise header + payload + CRC32."""
+    err = q_scale_error(float(struct.unpack(">f", struct.pack(">f", h.q_scale))[0]))
+    if err is not None:
+        raise BitstreamError(err)
     if not (1 <= h.height <= MAX_SIDE and 1 <= h.width <= MAX_SIDE and h.height * h.width <= MAX_PIXELS):
         raise BitstreamError(f"image size {h.width}x{h.height} outside the supported range")
     if len(payload) % 4:
@@ -101,7 +119,7 @@ def unpack(data: bytes) -> tuple[Header, bytes]:
         raise BitstreamError("corrupt stream (payload length not a multiple of 4)")
     if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE and height * width <= MAX_PIXELS):
         raise BitstreamError(f"corrupt stream (image size {width}x{height})")
-    if not (q_scale > 0 and q_scale < 1e6):
-        raise BitstreamError(f"corrupt stream (q_scale {q_scale})")
+    if q_scale_error(q_scale) is not None:
+        raise BitstreamError(f"corrupt stream ({q_scale_error(q_scale)})")
     h = Header(flags, arch, bytes(whash), tcrc, height, width, float(q_scale), rate_index, version)
     return h, bytes(data[HEADER_SIZE:HEADER_SIZE + plen])

@@ -25,6 +25,7 @@ from ..models.architectures import ARCH_CODES, EVC, ScalableEVC, checkerboard
 from ..models.bottleneck import gaussian_bits
 from . import bitstream as bs
 from .entropy import (
+    MAX_ABS_SYMBOL,
     StreamError,
     SymbolReader,
     SymbolWriter,
@@ -34,17 +35,14 @@ from .entropy import (
     scale_to_index,
     tables_crc,
 )
+from .limits import MAX_DECODE_MEMORY, MAX_DECODE_PIXELS, PAD, decode_memory_estimate, min_payload_bits
 from .rate import RateSpec, curr_q64
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PAD", "MAX_DECODE_PIXELS", "CodingContext", "coding_context", "weights_hash", "compress", "decompress",
-           "reconstruct", "EncodeResult", "DecodeResult", "pad_image"]
-
-PAD = 64
-#: default limit of :func:`decompress` on the declared image size (8192 x 8192)
-MAX_DECODE_PIXELS = 1 << 26
-
+__all__ = ["PAD", "MAX_DECODE_PIXELS", "MAX_DECODE_MEMORY", "CodingContext", "coding_context", "weights_hash",
+           "compress", "decompress", "reconstruct", "EncodeResult", "DecodeResult", "pad_image", "check_enc_id",
+           "decode_memory_estimate", "min_payload_bits"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # per-model coding context
@@ -83,6 +81,16 @@ _CONTEXTS: ModelCache[CodingContext] = ModelCache(_build_context)
 def coding_context(model: EVC) -> CodingContext:
     """The :class:`CodingContext` of ``model``'s current weights (cached)."""
     return _CONTEXTS.get(model)
+
+
+def check_enc_id(model: EVC, enc_id: int | None) -> None:
+    """``enc_id`` only for scalable models, and within their encoder count; raises ValueError otherwise."""
+    if enc_id is None:
+        return
+    if not isinstance(model, ScalableEVC):
+        raise ValueError(f"enc_id applies to scalable models only; {model.name} has a single encoder")
+    if not 0 <= int(enc_id) < model.enc_num:
+        raise ValueError(f"enc_id must be in 0..{model.enc_num - 1}, got {enc_id}")
 
 
 def _engine(model: EVC, engine: Engine | None) -> Engine:
@@ -292,7 +300,7 @@ class _Coder:
 
     def _write(self, values: torch.Tensor, idx: torch.Tensor | np.ndarray, tables: Sequence) -> None:
         idx_np = idx.cpu().numpy() if isinstance(idx, torch.Tensor) else idx
-        self.writer.write(values.cpu().numpy().astype(np.int64), idx_np, tables)
+        self.writer.write(values.cpu().numpy(), idx_np, tables)  # the writer checks the range before casting
 
     def finish(self) -> bytes:
         """Wait for the queued writes (re-raising their errors) and return the entropy-coded payload."""
@@ -329,6 +337,7 @@ def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = N
     _check_input(x)
     if x.shape[0] != 1:
         raise ValueError("compress codes one image at a time")
+    check_enc_id(model, enc_id)
     dev = x.device
     ctx = coding_context(model)
     eng = _engine(model, engine)
@@ -346,8 +355,11 @@ def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = N
     y2 = y.to(torch.float64) / curr_q
     z_hat = torch.round(eng.hyper_enc(y2.to(torch.float32))).to(torch.float64)
     if not (bool(torch.isfinite(y2).all()) and bool(torch.isfinite(z_hat).all())):
-        raise ValueError("the model's latents are not finite (NaN or inf): these weights cannot code an image "
-                         "(a diverged or corrupted checkpoint)")
+        raise ValueError(f"the latents at q_scale {rate.q_scale:g} are not finite (NaN or inf): the q_scale is far "
+                         "too small, or the weights are diverged or corrupt")
+    if float(y2.abs().max()) >= MAX_ABS_SYMBOL / 2 or float(z_hat.abs().max()) >= MAX_ABS_SYMBOL / 2:
+        raise ValueError(f"q_scale {rate.q_scale:g} is too small for this image: the latents exceed the codable "
+                         "range (|symbol| < 2^29)")
     _sync(dev)
     t1 = time.perf_counter()
     times["analysis"] = t1 - t0
@@ -391,20 +403,34 @@ def compress(model: EVC, x: torch.Tensor, rate: RateSpec, enc_id: int | None = N
 @torch.no_grad()
 def decompress(model: EVC, data: bytes, device: torch.device | str | None = None,
                max_pixels: int = MAX_DECODE_PIXELS, exact_synthesis: bool = True,
-               engine: Engine | None = None) -> DecodeResult:
+               engine: Engine | None = None, max_memory: int = MAX_DECODE_MEMORY) -> DecodeResult:
     """Decode a stream produced by :func:`compress` with the same (decoder-side) weights.
 
-    ``max_pixels`` refuses streams that declare larger images (protects memory against hostile headers).
-    ``exact_synthesis=False`` uses the float32 synthesis (faster; the image may then differ in the last bit
-    between thread counts, while the decoded latents stay identical). ``engine``: as in :func:`compress`; every
-    engine decodes every stream, and the exact synthesis gives the same image with every engine.
+    Hostile headers are refused before any network runs: ``max_pixels`` bounds the declared image size,
+    ``max_memory`` (bytes) bounds the estimated peak memory (:func:`decode_memory_estimate`), and a payload shorter
+    than the fewest bits the declared size needs (:func:`min_payload_bits`) is refused. The entropy parameters are
+    always exact, so every stream decodes to the same latents everywhere. ``exact_synthesis=True`` (default here,
+    so that the image equals :func:`reconstruct`'s) draws the picture with the exact float64 twin, identical for
+    every thread count, engine and machine (bit-exact conformance); ``exact_synthesis=False`` uses the faster
+    float32 synthesis (the default of ``evc decode`` and ``evc eval``; last-bit differences possible).
+    ``engine``: as in :func:`compress`.
 
     Raises:
-        bitstream.BitstreamError: corrupt stream, wrong version, or a model that does not match the stream.
+        bitstream.BitstreamError: corrupt stream, wrong version, a model that does not match the stream, or a
+        declared size above the limits.
     """
-    hdr, payload = bs.unpack(data)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"data must be bytes, got {type(data).__name__}")
+    hdr, payload = bs.unpack(bytes(data))
     if hdr.width * hdr.height > max_pixels:
-        raise bs.BitstreamError(f"image {hdr.width}x{hdr.height} exceeds the decoder limit of {max_pixels} pixels")
+        raise bs.BitstreamError(f"image {hdr.width}x{hdr.height} exceeds the decoder limit of {max_pixels} pixels "
+                                "(raise it with max_pixels / --max-pixels)")
+    need = decode_memory_estimate(model, hdr.height, hdr.width, exact_synthesis,
+                                  engine is None or isinstance(engine, ReferenceEngine))
+    if need > max_memory:
+        raise bs.BitstreamError(f"decoding {hdr.width}x{hdr.height} with {model.name} needs about "
+                                f"{need / 2 ** 30:.1f} GiB, above the limit of {max_memory / 2 ** 30:.1f} GiB "
+                                "(raise it with max_memory / --max-memory GIB)")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     ctx = coding_context(model)
     eng = _engine(model, engine)
@@ -415,6 +441,9 @@ def decompress(model: EVC, data: bytes, device: torch.device | str | None = None
             f"but the given model is {model.name} with weights {ctx.weights_hash.hex()}: use the encoder's checkpoint")
     if hdr.tables_crc != ctx.tables_crc:
         raise bs.BitstreamError("entropy tables differ from the encoder's (same weights, different numerics?)")
+    if len(payload) * 8 < min_payload_bits(ctx.z_tables, ctx.y_tables, model, hdr.height, hdr.width):
+        raise bs.BitstreamError(f"corrupt stream (a {hdr.width}x{hdr.height} image needs more than the "
+                                f"{len(payload)} payload bytes)")
     times: dict[str, float] = {}
     _sync(dev)
     t0 = time.perf_counter()
@@ -423,14 +452,14 @@ def decompress(model: EVC, data: bytes, device: torch.device | str | None = None
     N = model.N
     try:
         reader = SymbolReader(payload)
-    except StreamError as e:
-        raise bs.BitstreamError(str(e)) from None
+    except (StreamError, ValueError) as e:  # constriction refuses some word sequences with a ValueError
+        raise bs.BitstreamError(f"corrupt payload ({e})") from None
     t_code = 0.0
     tc = time.perf_counter()
     zshape = (1, N, Hp // 64, Wp // 64)
     try:
         z = reader.read(_z_index(torch.empty(zshape, device="meta")), ctx.z_tables)
-    except StreamError as e:
+    except (StreamError, ValueError) as e:
         raise bs.BitstreamError(str(e)) from None
     t_code += time.perf_counter() - tc
     z_hat = torch.from_numpy(z.astype(np.float64)).to(dev)
@@ -443,7 +472,7 @@ def decompress(model: EVC, data: bytes, device: torch.device | str | None = None
         tcc = time.perf_counter()
         try:
             v = reader.read(idx.cpu().numpy(), ctx.y_tables)
-        except StreamError as e:
+        except (StreamError, ValueError) as e:
             raise bs.BitstreamError(str(e)) from None
         t_code += time.perf_counter() - tcc
         return torch.from_numpy(v.astype(np.float64)).to(dev)

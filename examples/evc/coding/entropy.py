@@ -280,9 +280,12 @@ class SymbolWriter:
 
     def write(self, values: np.ndarray, idx: np.ndarray, tables: Sequence[Table]) -> None:
         """Code integer ``values`` (any shape) with the per-symbol table indices ``idx`` (same shape)."""
-        values = np.asarray(values, dtype=np.int64).ravel()
-        if values.size and np.abs(values).max() >= MAX_ABS_SYMBOL:
-            raise StreamError("latent symbol out of the codable range (|s| >= 2^29); input or weights are broken")
+        values = np.asarray(values).ravel()
+        # checked before any integer cast: a non-finite or huge float would wrap to an arbitrary int64
+        if values.size and not bool(np.all((values > -MAX_ABS_SYMBOL) & (values < MAX_ABS_SYMBOL))):
+            raise StreamError("latent symbol not finite or out of the codable range (|s| >= 2^29): the q_scale is "
+                              "too small for this image, or the input or weights are broken")
+        values = values.astype(np.int64)
         g = _Grouped(tables, idx)
         if g.size != values.size:
             raise ValueError(f"{values.size} values but {g.size} table indices")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..models.architectures import EVC, SCALE_LAMBDAS
+from .bitstream import q_scale_error
 
 __all__ = ["RateSpec", "select_rate", "interp_log", "curr_q64"]
 
@@ -60,8 +61,9 @@ def select_rate(model: EVC, q: float | None = None, q_scale: float | None = None
         i = int(rate_index)
         return RateSpec(_f32(anchors[i]), i, lams[i])
     if q_scale is not None:
-        if not (q_scale > 0 and math.isfinite(q_scale)):
-            raise ValueError(f"q_scale must be a positive number, got {q_scale}")
+        err = q_scale_error(_f32(q_scale)) if q_scale > 0 and math.isfinite(q_scale) else "not a positive number"
+        if err is not None:
+            raise ValueError(f"q_scale {q_scale:g}: {err}")
         # lambda: place q_scale on the anchor curve (log domain), clamp to the ends
         la = [math.log(a) for a in anchors]
         lq = math.log(q_scale)

@@ -329,10 +329,13 @@ def _default_anchors(n: int) -> list[float]:
 
 
 def name_for(enc: Sequence[int], dec: Sequence[int], N: int, scalable: bool) -> str:
-    inv = {v: k for k, v in WIDTHS.items()}
-    if N == 192 and tuple(enc) in inv and tuple(dec) in inv:
-        e, d = inv[tuple(enc)], inv[tuple(dec)]
-        cand = ("Scale_" if scalable else "") + f"EVC_{e}{d}"
-        if cand in ARCHS and ARCHS[cand][2] == scalable:
-            return cand
+    """The registered name of these widths: ``EVC_SS`` etc., ``mini_EVC_SS`` etc. for the variants with every width
+    divided by 4 (``zoo.build_model("mini_...")``), else ``"custom"``."""
+    for div, prefix in ((1, ""), (4, "mini_")):
+        inv = {tuple(w // div for w in v): k for k, v in WIDTHS.items()}
+        if N == 192 // div and tuple(enc) in inv and tuple(dec) in inv:
+            e, d = inv[tuple(enc)], inv[tuple(dec)]
+            cand = ("Scale_" if scalable else "") + f"EVC_{e}{d}"
+            if cand in ARCHS and ARCHS[cand][2] == scalable:
+                return prefix + cand
     return "custom"

@@ -34,7 +34,7 @@ def build_model(arch: str, **kwargs: Any) -> EVC:
     enc = [w // div for w in WIDTHS[e]]
     dec = [w // div for w in WIDTHS[d]]
     N = kwargs.pop("N", 192 // div)
-    name = arch if div == 1 else "custom"
+    name = arch
     cls = ScalableEVC if scalable else EVC
     return cls(enc, dec, N=N, name=name, **kwargs)
 

@@ -31,7 +31,7 @@ import maskdecay as md
 from ..models.architectures import ARCHS, EVC, WIDTHS
 from ..models.zoo import build_model, load_model, save_model
 from .config import Config
-from .train import Dist, Hooks, RDObjective, param_groups, run_training, setup_distributed
+from .train import Dist, Hooks, RDObjective, load_resume_checkpoint, param_groups, run_training, setup_distributed
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def run_decay(cfg: Config, out_dir: str, resume: bool = False, stop_after: int |
     name, enc, dec = student_spec(teacher, dc.student)
     exported_path = os.path.join(out_dir, "exported.pt")
     if resume and os.path.exists(exported_path):
-        ck = torch.load(exported_path, map_location="cpu", weights_only=True)
+        ck = load_resume_checkpoint(exported_path)
     else:
         ck = _decay_phase(cfg, teacher, name, enc, dec, out_dir, d, resume, stop_after, progress)
         if ck is None:

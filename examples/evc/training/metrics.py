@@ -98,11 +98,20 @@ def bd_rate(anchor: dict[str, Any], test: dict[str, Any], method: str = "akima",
     rt, dt = _curve(test, metric)
     if len(ra) < 4 or len(rt) < 4:
         raise ValueError("BD-rate needs at least 4 rate points per curve")
+    unit = "dB" if metric == "psnr" else "MS-SSIM dB"
+    lo, hi = max(min(da), min(dt)), min(max(da), max(dt))
+    if not lo < hi:
+        raise ValueError(f"the curves do not overlap in quality (anchor {min(da):.2f}-{max(da):.2f} {unit}, test "
+                         f"{min(dt):.2f}-{max(dt):.2f} {unit}): BD-rate is undefined")
     try:
-        rate = float(bd.bd_rate(ra, da, rt, dt, method=method, require_matching_points=False))
-        dq = float(bd.bd_psnr(ra, da, rt, dt, method=method, require_matching_points=False))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rate = float(bd.bd_rate(ra, da, rt, dt, method=method, require_matching_points=False))
+            dq = float(bd.bd_psnr(ra, da, rt, dt, method=method, require_matching_points=False))
     except Exception as e:  # noqa: BLE001 - bjontegaard raises various errors on non-overlapping curves
         raise ValueError(f"BD computation failed ({e})") from None
+    if not (math.isfinite(rate) and math.isfinite(dq)):
+        raise ValueError("BD-rate is undefined for these curves (their rate or quality ranges do not overlap)")
     return rate, dq
 
 

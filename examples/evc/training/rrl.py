@@ -31,7 +31,7 @@ from ..models.architectures import EVC, WIDTHS, ScalableEVC
 from ..models.zoo import build_model, load_model, save_model
 from .config import Config
 from .decay import DistillObjective, attach_masks, decay_and_export, frozen, make_optimizer, prepare_run, stage_plan
-from .train import run_training
+from .train import load_resume_checkpoint, run_training
 
 __all__ = ["scalable_name", "ResidualCandidate", "run_rrl"]
 
@@ -94,13 +94,13 @@ def run_rrl(cfg: Config, base_path: str, out_dir: str, resume: bool = False, sto
         level_dir = os.path.join(out_dir, f"level{k}")
         enc_path = os.path.join(level_dir, "encoder.pt")
         if resume and os.path.exists(enc_path):
-            scal.encs[k].load_state_dict(torch.load(enc_path, map_location="cpu", weights_only=True), strict=True)
+            scal.encs[k].load_state_dict(load_resume_checkpoint(enc_path), strict=True)
             continue
         previous = [frozen(copy.deepcopy(scal.encs[j])) for j in range(k)]
         exported = os.path.join(level_dir, "exported.pt")
         torch.manual_seed(cfg.train.seed + 1000 * k + 7919 * d.rank)
         if resume and os.path.exists(exported):
-            ck = torch.load(exported, map_location="cpu", weights_only=True)
+            ck = load_resume_checkpoint(exported)
             comp = _composite(base.enc_widths, base, ck["encoder"])
             comp.enc.register_forward_hook(ResidualCandidate(previous))
             opt = make_optimizer(comp, cfg, ck["optimizer"])

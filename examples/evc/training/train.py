@@ -32,11 +32,12 @@ import maskdecay as md
 from ..models.architectures import EVC
 from ..models.zoo import build_model, save_model
 from .config import Config
-from .data import RandomCropBatches, StepSampler, load_val_images
+from .data import RandomCropBatches, StepSampler, list_images, load_val_images
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RDObjective", "Hooks", "Dist", "setup_distributed", "close_distributed", "run_training", "validate",
+__all__ = ["RDObjective", "Hooks", "Dist", "setup_distributed", "close_distributed", "run_training", "load_resume_checkpoint",
+           "validate",
            "train", "param_groups"]
 
 #: checkpoint format version (bumped when the layout changes)
@@ -239,6 +240,17 @@ def _autocast(d: Dist, amp: str) -> Any:
     return torch.autocast(d.device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def load_resume_checkpoint(path: str) -> Any:
+    """``torch.load`` of a checkpoint to resume from (``weights_only``); a damaged file gives one clear
+    ``ValueError`` naming it instead of the unpickler's message."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is damaged
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: cannot resume, the checkpoint is damaged or not one of ours ({first}); "
+                         "delete it to start over") from None
+
+
 def run_training(cfg: Config, objective: RDObjective, out_dir: str, d: Dist, steps: int | None = None,
                  resume: bool = False, stop_after: int | None = None, hooks: Hooks | None = None,
                  optimizer: torch.optim.Optimizer | None = None, desc: str = "train",
@@ -269,11 +281,14 @@ def run_training(cfg: Config, objective: RDObjective, out_dir: str, d: Dist, ste
     ckpt_path = os.path.join(out_dir, "last.pt")
     log_path = os.path.join(out_dir, "log.jsonl")
     start, skipped = 0, 0
+    list_images(cfg.data.train)  # a missing data folder fails here, before any output exists
+    if cfg.val.images:
+        list_images(cfg.val.data)
     if d.main:
         os.makedirs(out_dir, exist_ok=True)
     d.barrier()
     if resume and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ck = load_resume_checkpoint(ckpt_path)
         if ck.get("format") != CKPT_FORMAT or ck.get("steps") != steps:
             raise ValueError(f"{ckpt_path}: checkpoint of another run (format {ck.get('format')}, "
                              f"{ck.get('steps')} steps; this run has {steps})")
