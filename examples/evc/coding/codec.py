@@ -4,6 +4,9 @@ The same dual-prior routine runs in three modes: *write* (encoder), *read* (deco
 quantised forward pass, no entropy coding). All entropy parameters come from the exact float64 networks of the
 engine (:mod:`~maskdecay_examples.evc.engines`), so the three modes agree bit for bit on every symbol, scale index
 and mean, whatever the engine, thread count, batch size or process.
+
+One module on purpose (a little over 500 lines): the three modes share one loop, and splitting the loop from the
+encode/decode entry points that drive it would spread one protocol over several files.
 """
 from __future__ import annotations
 
