@@ -14,6 +14,7 @@ which of its channels belong to which unit.
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -23,7 +24,6 @@ import torch.nn as nn
 import torch_pruning as tp
 from torch.overrides import TorchFunctionMode
 from torch_pruning import _helpers, ops
-from torch_pruning.dependency import index_mapping
 
 from .macs import to_model_device
 
@@ -103,103 +103,180 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def _shuffle_factor(node: Any) -> tuple[int, bool] | None:
-    """``(r, upscale)`` when the traced node is a pixel (un)shuffle, else None."""
-    grad_fn = node.grad_fn
-    if grad_fn is None or not hasattr(grad_fn, "name"):
-        return None
-    name = grad_fn.name().lower()
-    if "pixelshuffle" in name:
-        return int(grad_fn._saved_upscale_factor), True
-    if "pixelunshuffle" in name:
-        return int(grad_fn._saved_downscale_factor), False
-    return None
+def _chdim(rank: int) -> int:
+    """The channel dim of a tensor of this rank: last for token tensors ``(B, N, C)`` (linear layers), else 1."""
+    return 2 if rank == 3 else min(1, rank - 1)
 
 
-def _expand(stride: int) -> Callable[[list], list]:
-    """Channel c of the narrow side is channels c*stride .. c*stride+stride-1 of the wide side."""
-    def fn(idxs: list) -> list:
-        return [_helpers._HybridIndex(idx=i.idx * stride + k, root_idx=i.root_idx) for i in idxs for k in range(stride)]
-    return fn
+def _channels(shape: tuple) -> int | None:
+    return shape[_chdim(len(shape))] if len(shape) else None
 
 
-def _contract(stride: int) -> Callable[[list], list]:
-    """Channel k of the wide side belongs to channel k // stride of the narrow side."""
-    def fn(idxs: list) -> list:
-        return [_helpers._HybridIndex(idx=i.idx // stride, root_idx=i.root_idx) for i in idxs]
-    return fn
+class _OpRecords(TorchFunctionMode):
+    """Records the tensor shapes around every op during tracing: ``{grad_fn: (op name, input shapes, output shapes)}``.
 
-
-def _shuffle_mappings(graph: tp.DependencyGraph) -> dict[int, Callable[[list], list]]:
-    """Index mappings, keyed by ``id(dependency)``, for the dependencies that cross a pixel (un)shuffle."""
-    extra: dict[int, Callable[[list], list]] = {}
-    for node in graph.module2node.values():
-        info = _shuffle_factor(node)
-        if info is None:
-            continue
-        r, upscale = info
-        stride = r * r
-        # PixelShuffle: input is the wide side (C*r*r), output the narrow one; PixelUnshuffle the reverse.
-        towards_node, from_node = (_contract(stride), _expand(stride)) if upscale else (_expand(stride), _contract(stride))
-        for inp in node.inputs:
-            for dep in inp.dependencies:
-                if dep.target is node:
-                    extra[id(dep)] = towards_node
-            for dep in node.dependencies:
-                if dep.target is inp:
-                    extra[id(dep)] = from_node
-    return extra
-
-
-class _ConcatSizes(TorchFunctionMode):
-    """Records the true input sizes of every ``torch.cat`` during tracing.
-
-    Torch-Pruning infers them by walking back to the nearest layer, which is wrong behind a pixel shuffle (it would
-    count the ``C*r*r`` conv channels instead of the ``C`` shuffled ones).
+    Torch-Pruning guesses channel counts by walking to the nearest layer (wrong behind a pixel shuffle), maps split
+    outputs by their order in its graph rather than by which chunk they are, and treats ops it does not know
+    (transposes, reshapes into heads, channel shuffles) as element-wise. These records let :func:`_edge_maps` map every
+    edge exactly or stop at it.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.sizes: dict[Any, list[int]] = {}
+        self.ops: dict[Any, tuple[str, list[tuple], list[tuple]]] = {}
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func in (torch.cat, torch.concat, torch.concatenate) and isinstance(out, torch.Tensor) \
-                and out.grad_fn is not None:
-            tensors = args[0] if args else kwargs["tensors"]
-            dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
-            self.sizes[out.grad_fn] = [int(t.shape[dim]) for t in tensors]
+        out = func(*args, **(kwargs or {}))
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        if outs and isinstance(outs[0], torch.Tensor) and outs[0].grad_fn is not None:
+            flat = [t for a in list(args) + list((kwargs or {}).values())
+                    for t in (a if isinstance(a, (list, tuple)) else [a])]
+            self.ops[outs[0].grad_fn] = (getattr(func, "__name__", str(func)),
+                                         [tuple(t.shape) for t in flat if isinstance(t, torch.Tensor)],
+                                         [tuple(t.shape) for t in outs if isinstance(t, torch.Tensor)])
         return out
 
 
-def _walk(graph: tp.DependencyGraph, module: nn.Module, handler: Callable, n: int,
-          extra: dict[int, Callable[[list], list]]) -> dict[tuple[Any, Callable], dict[int, set[int]]]:
-    """All (node, handler) reached from pruning ``n`` channels of ``module``, with {idx: {root idxs}} for each."""
+def _map(shift: int, lo: int = 0, hi: float = float("inf"), expand: int = 1, contract: int = 1) -> Callable:
+    """Index mapping: keep indices in ``[lo, hi)``, subtract ``lo`` and add ``shift``, then narrow (channel c becomes
+    ``c // contract``) and widen (channel c becomes ``c*expand .. c*expand+expand-1``)."""
+    def fn(idxs: list) -> list:
+        return [_helpers._HybridIndex(idx=(i.idx - lo + shift) // contract * expand + k, root_idx=i.root_idx)
+                for i in idxs if lo <= i.idx < hi for k in range(expand)]
+    return fn
+
+
+def _is_op(node: Any) -> bool:
+    """Whether the node is a traced op (cat, view, add...) rather than a layer with a pruner of its own."""
+    return type(node.module).__module__ == ops.__name__
+
+
+def _concat(fns: list[Callable]) -> Callable:
+    return lambda idxs: [j for fn in fns for j in fn(idxs)]
+
+
+def _stacked(info: tuple | None, multi_out: bool) -> tuple[int, list[int]] | None:
+    """``(dim, sizes)`` of a cat (inputs) or split (outputs) along the channel dim, None when along another dim."""
+    name, ins, outs = info
+    parts, whole = (outs, ins[0]) if multi_out else (ins, outs[0])
+    if any(len(p) != len(whole) for p in parts):  # unbind / stack: a dim appears or vanishes
+        return (-1, [])
+    dim = _chdim(len(whole))
+    if all(p[dim] == whole[dim] for p in parts) and len(parts) > 1:
+        return None
+    return dim, [p[dim] for p in parts]
+
+
+def _edge_maps(graph: tp.DependencyGraph, records: dict) -> tuple[dict[int, Callable], dict[Any, str]]:
+    """Index mappings for every dependency, keyed by ``id(dependency)``, and the nodes no group may cross.
+
+    Every edge (producer -> consumer) is mapped from the recorded shapes: the chunk a split output is, the offset of
+    each input of a cat (by position, so an input used twice is mapped twice), ``r*r`` channels per pixel-shuffle
+    channel, the spatial stride of a flatten before a linear layer; an input broadcast along the channels (one channel
+    against many) couples nothing. An op that moves, splits or merges the channel dim in any other way (reshape into
+    heads, channel shuffle, permute, reduction over channels) is a barrier: a group reaching it is left unpruned.
+    """
+    maps: dict[int, Callable] = {}
+    barriers: dict[Any, str] = {}
+    kinds: dict[Any, tuple] = {}
+    for node in graph.module2node.values():
+        info = records.get(node.grad_fn)
+        if info is None or not _is_op(node):
+            continue
+        name, ins, outs = info
+        if node.type in (ops.OPTYPE.CONCAT, ops.OPTYPE.SPLIT, ops.OPTYPE.UNBIND):
+            st = _stacked(info, node.type != ops.OPTYPE.CONCAT)
+            if st is not None and st[0] < 0:
+                barriers[node] = f"{name} {ins[0]} -> {outs[0]}"
+            elif st is not None:
+                kinds[node] = st
+                node.module.split_sizes = st[1]
+        elif "pixel" in name and ins and outs:
+            kinds[node] = ("shuffle", ins[0][1] > outs[0][1], max(ins[0][1], outs[0][1]) // min(ins[0][1], outs[0][1]))
+        elif ins and outs and (len(ins[0]) != len(outs[0]) or _channels(ins[0]) != _channels(outs[0])):
+            flat = len(outs[0]) == 2 and len(ins[0]) >= 4 and outs[0][1] == math.prod(ins[0][1:])
+            if flat:
+                kinds[node] = ("flatten", math.prod(ins[0][2:]))
+            elif not (len(ins[0]) >= 2 and len(outs[0]) >= 2 and _channels(ins[0]) == _channels(outs[0])
+                      and _chdim(len(ins[0])) == _chdim(len(outs[0])) == 1):
+                barriers[node] = f"{name} {ins[0]} -> {outs[0]}"
+    for cons in graph.module2node.values():
+        info = records.get(cons.grad_fn)
+        for prod in dict.fromkeys(cons.inputs):
+            entries = [(k, nr) for k, (fn, nr) in enumerate(getattr(cons.grad_fn, "next_functions", ()))
+                       if fn is prod.grad_fn]
+            if not entries:
+                continue
+            fwd, bwd = [], []
+            for k, nr in entries:
+                lo, hi, shift = 0, float("inf"), 0
+                split = kinds.get(prod)
+                if isinstance(split, tuple) and isinstance(split[0], int) and prod.type != ops.OPTYPE.CONCAT:
+                    lo = sum(split[1][:nr])
+                    hi = lo + split[1][nr]
+                cat = kinds.get(cons)
+                if isinstance(cat, tuple) and isinstance(cat[0], int) and cons.type == ops.OPTYPE.CONCAT:
+                    shift = sum(cat[1][:k])
+                    width = cat[1][k]
+                elif _is_op(cons) and info is not None and k < len(info[1]) and info[2] \
+                        and _channels(info[1][k]) == 1 and (_channels(info[2][0]) or 1) > 1:
+                    continue  # broadcast along channels: no coupling
+                else:
+                    width = hi - lo
+                kind = kinds.get(cons, ())
+                if kind and kind[0] == "shuffle":
+                    r2 = kind[2]  # r*r channels per shuffled channel
+                    fwd.append(_map(0, contract=r2) if kind[1] else _map(0, expand=r2))
+                    bwd.append(_map(0, expand=r2) if kind[1] else _map(0, contract=r2))
+                elif kind and kind[0] == "flatten":
+                    fwd.append(_map(0, expand=kind[1]))
+                    bwd.append(_map(0, contract=kind[1]))
+                else:
+                    fwd.append(_map(shift, lo, hi))
+                    bwd.append(_map(lo, shift, shift + width))
+            for dep in prod.dependencies:
+                if dep.target is cons:
+                    maps[id(dep)] = _concat(fwd)
+            for dep in cons.dependencies:
+                if dep.target is prod:
+                    maps[id(dep)] = _concat(bwd)
+    return maps, barriers
+
+
+def _walk(graph: tp.DependencyGraph, module: nn.Module, handler: Callable, start: list[int],
+          maps: dict[int, Callable], barriers: dict[Any, str]) -> dict[tuple[Any, Callable], dict[int, set[int]]]:
+    """All (node, handler) reached from pruning channels ``start`` of ``module``, with {idx: {root idxs}} for each.
+
+    The walk stops at barrier nodes (recorded, not crossed), and crosses a grouped conv from its input channels to
+    the output channels of the same conv groups (and back): grouped convs are pruned by whole conv groups.
+    """
     root = graph.module2node[module]
-    seen: dict[tuple[Any, Callable], dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
-    start = [_helpers._HybridIndex(idx=i, root_idx=i) for i in range(n)]
-    for i in range(n):
-        seen[(root, handler)][i].add(i)
-    stack = [(root, handler, start)]
+    seen: dict[tuple[Any, Callable], dict[int, set[int]]] = {(root, handler): {i: {i} for i in start}}
+    stack = [(root, handler, [_helpers._HybridIndex(idx=i, root_idx=i) for i in start])]
+
+    def visit(target: Any, fn: Callable, new: list) -> None:
+        record = seen.setdefault((target, fn), {})
+        fresh = [i for i in new if i.root_idx not in record.get(i.idx, ())]
+        for i in fresh:
+            record.setdefault(i.idx, set()).add(i.root_idx)
+        if fresh and target not in barriers:
+            stack.append((target, fn, fresh))
+
     while stack:
         node, fn, idxs = stack.pop()
+        mod = node.module
+        if _is_grouped(mod):
+            pruner = graph.get_pruner_of_module(mod)
+            per_in, per_out = mod.in_channels // mod.groups, mod.out_channels // mod.groups
+            if fn == pruner.prune_in_channels:
+                visit(node, pruner.prune_out_channels, _map(0, expand=per_out, contract=per_in)(idxs))
+            else:
+                visit(node, pruner.prune_in_channels, _map(0, expand=per_in, contract=per_out)(idxs))
         for dep in node.dependencies:
-            if not dep.is_triggered_by(fn):
-                continue
-            new = idxs
-            for mapping in dep.index_mapping:
-                if mapping is not None:
-                    new = mapping(new)
-            if id(dep) in extra:
-                new = extra[id(dep)](new)
-            record = seen[(dep.target, dep.handler)]
-            fresh = [i for i in new if i.root_idx not in record[i.idx]]
-            if not fresh:
-                continue
-            for i in fresh:
-                record[i.idx].add(i.root_idx)
-            stack.append((dep.target, dep.handler, fresh))
+            if dep.is_triggered_by(fn):
+                new = maps[id(dep)](idxs) if id(dep) in maps else idxs
+                if new:
+                    visit(dep.target, dep.handler, new)
     return seen
 
 
@@ -207,50 +284,82 @@ def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
-def find_groups(model: nn.Module, example_inputs: Any, ignored_layers: Sequence[nn.Module] = (),
-                forward_fn: Callable | None = None, output_transform: Callable | None = None) -> list[Group]:
-    """Trace ``model`` and return its prunable channel groups.
+def _is_grouped(m: nn.Module) -> bool:
+    """A grouped conv that is not depthwise (ResNeXt, RegNet): pruned by whole conv groups."""
+    return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and not _is_depthwise(m)
 
-    A group is left out (and logged at INFO level) when one of its layers is ignored, when it reaches the model's
-    output (pruning it would change the output shape), or when it holds a layer we cannot shrink exactly
-    (grouped non-depthwise convs, LayerNorm over channels, attention, recurrent layers, bare parameters).
+
+def prune_conv_groups(layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+    """Remove whole conv groups from a grouped conv; ``idxs`` are output channels covering whole groups."""
+    n = len(idxs) // (layer.out_channels // layer.groups)
+    tp.prune_conv_out_channels(layer, idxs)
+    layer.in_channels -= n * (layer.in_channels // layer.groups)
+    layer.groups -= n
+    return layer
+
+
+def build_graph(model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None,
+                output_transform: Callable | None = None) -> tuple[tp.DependencyGraph, dict[int, Callable], dict]:
+    """Trace ``model`` with Torch-Pruning and map its edges ourselves (:func:`_edge_maps`).
+
+    Torch-Pruning's ``build_dependency`` is run without its last step (``update_index_mapping``), whose reshape and
+    split mappings are wrong or raise on channel shuffles, multi-way splits and reshapes into heads.
     """
     was_training = model.training
-    example_inputs = to_model_device(example_inputs, model)
-    with torch.enable_grad(), _ConcatSizes() as cat_sizes:
-        graph = tp.DependencyGraph().build_dependency(
-            model, example_inputs, forward_fn=forward_fn, output_transform=output_transform, verbose=False)
+    graph = tp.DependencyGraph()
+    graph.verbose, graph.model, graph.ignored_params = False, model, []
+    graph._module2name = {m: n for n, m in model.named_modules()}
+    graph._param_to_name, graph.unwrapped_parameters = graph._detect_unwrapped_parameters(None)
+    with torch.enable_grad(), _OpRecords() as records:
+        graph.module2node = graph._trace(model, to_model_device(example_inputs, model), forward_fn, output_transform)
     model.train(was_training)
-    for node in graph.module2node.values():
-        if node.type == ops.OPTYPE.CONCAT and node.grad_fn in cat_sizes.sizes:
-            node.module.concat_sizes = cat_sizes.sizes[node.grad_fn]
-    index_mapping.update_index_mapping(graph)
-    extra = _shuffle_mappings(graph)
+    graph._build_dependency(graph.module2node)
+    return (graph, *_edge_maps(graph, records.ops))
+
+
+def find_groups(model: nn.Module, example_inputs: Any, ignored_layers: Sequence[nn.Module] = (),
+                forward_fn: Callable | None = None,
+                output_transform: Callable | None = None) -> tuple[list[Group], dict[str, str]]:
+    """Trace ``model`` and return its prunable channel groups and ``{layer: reason}`` for the layers left whole.
+
+    A group is left out when one of its layers is ignored, when it reaches the model's output (pruning it would
+    change the output shape), when it holds a layer we cannot shrink exactly (LayerNorm over channels, attention,
+    recurrent layers, bare parameters) or when it crosses an op whose channel layout we cannot map (see
+    :func:`_edge_maps`). Every conv/linear layer whose output channels are in no group is listed with the reason.
+    """
+    graph, maps, barriers = build_graph(model, example_inputs, forward_fn, output_transform)
     names = {m: n for n, m in model.named_modules()}
     ignored = {id(sub) for layer in ignored_layers for sub in layer.modules()}
-    covered: set[int] = set()
+    unpruned: dict[str, str] = {}
+    covered: dict[int, set[int]] = defaultdict(set)
     groups: list[Group] = []
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or module not in graph.module2node:
+        if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
             continue
-        if id(module) in ignored or id(module) in covered:
+        if id(module) in ignored or module not in graph.module2node:
+            unpruned[name] = "ignored" if id(module) in ignored else "not called in the traced forward pass"
             continue
         pruner = graph.get_pruner_of_module(module)
+        start = [i for i in range(pruner.get_out_channels(module)) if i not in covered[id(module)]]
+        if not start:
+            continue
         handler = tp.prune_depthwise_conv_out_channels if _is_depthwise(module) else pruner.prune_out_channels
-        n_out = pruner.get_out_channels(module)
-        seen = _walk(graph, module, handler, n_out, extra)
-        for node, fn in seen:
-            if node.module in names and graph.is_out_channel_pruning_fn(fn):
-                covered.add(id(node.module))
-        group = _build_group(name, seen, names, ignored, graph)
-        if group is not None:
-            group.index = len(groups)
-            groups.append(group)
-    return groups
+        seen = _walk(graph, module, handler, start, maps, barriers)
+        reason = _reject_reason(seen, names, ignored, graph, barriers)
+        for (node, fn), rec in seen.items():
+            if rec and node.module in names and graph.is_out_channel_pruning_fn(fn):
+                covered[id(node.module)].update(rec)
+                if reason is not None and isinstance(node.module, (nn.modules.conv._ConvNd, nn.Linear)):
+                    unpruned.setdefault(names[node.module], f"its group {reason}")
+        if reason is None:
+            groups.append(_build_group(name, seen, names, graph))
+            groups[-1].index = len(groups) - 1
+    return groups, unpruned
 
 
-def _reject_reason(seen: dict, names: dict, ignored: set[int], graph: tp.DependencyGraph) -> str | None:
-    for node, fn in seen:
+def _reject_reason(seen: dict, names: dict, ignored: set[int], graph: tp.DependencyGraph,
+                   barriers: dict) -> str | None:
+    for (node, fn), rec in seen.items():
         module = node.module
         carries_group = module not in names or graph.is_out_channel_pruning_fn(fn)
         if isinstance(module, ops._OutputOp) or (carries_group and not node.outputs):
@@ -263,39 +372,49 @@ def _reject_reason(seen: dict, names: dict, ignored: set[int], graph: tp.Depende
             return f"holds the output channels of ignored layer {names[module]!r}"
         if not isinstance(module, SUPPORTED_TYPES):
             return f"holds {type(module).__name__} {names[module]!r}, which cannot be shrunk exactly"
-        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not _is_depthwise(module):
-            return f"holds grouped conv {names[module]!r}"
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not _is_depthwise(module) \
+                and (module.transposed or module.groups == module.out_channels):
+            return f"holds grouped conv {names[module]!r}, whose groups cannot be removed whole"
+    for node, _ in seen:
+        if node in barriers:
+            return f"crosses {barriers[node]}, a channel layout maskdecay cannot map"
     return None
 
 
-def _build_group(name: str, seen: dict, names: dict, ignored: set[int], graph: tp.DependencyGraph) -> Group | None:
-    reason = _reject_reason(seen, names, ignored, graph)
-    if reason is not None:
-        log.info("channels of %r are not prunable: the group %s", name, reason)
-        return None
+def _build_group(name: str, seen: dict, names: dict, graph: tp.DependencyGraph) -> Group:
     uf = _UnionFind()
-    real = [(node, fn, rec) for (node, fn), rec in seen.items() if node.module in names]
+    real = [(node, fn, rec) for (node, fn), rec in seen.items() if node.module in names and rec]
     for (node, fn), rec in seen.items():
         for roots in rec.values():
             first = min(roots)
             for r in roots:
                 uf.union(first, r)
-    for node, fn, rec in real:
-        if isinstance(node.module, nn.GroupNorm):
-            per = node.module.num_channels // node.module.num_groups
-            by_gn_group: dict[int, list[int]] = defaultdict(list)
-            for idx, roots in rec.items():
-                by_gn_group[idx // per].extend(roots)
-            for roots in by_gn_group.values():
-                for r in roots:
-                    uf.union(roots[0], r)
+    for (node, fn), rec in seen.items():
+        sizes = getattr(node.module, "split_sizes", None) if node.type == ops.OPTYPE.SPLIT else None
+        if isinstance(node.module, nn.GroupNorm):  # a unit is a whole norm group
+            key = node.module.num_channels // node.module.num_groups
+            key_fn = lambda idx: idx // key  # noqa: E731
+        elif sizes and len(set(sizes)) == 1:  # equal chunks stay equal: channel i of every chunk is one unit
+            key_fn = lambda idx: idx % sizes[0]  # noqa: E731
+        else:
+            continue
+        tied: dict[int, list[int]] = defaultdict(list)
+        for idx, roots in rec.items():
+            tied[key_fn(idx)].extend(roots)
+        for roots in tied.values():
+            for r in roots:
+                uf.union(roots[0], r)
     root_rec = next(rec for (node, fn), rec in seen.items() if names.get(node.module) == name)
     comps = sorted({uf.find(r) for r in root_rec})
     unit_of = {c: u for u, c in enumerate(comps)}
     members = []
     for node, fn, rec in real:
-        idxs = sorted(rec)
         role = "out" if graph.is_out_channel_pruning_fn(fn) else "in"
+        if _is_grouped(node.module):
+            if role == "in":
+                continue  # the output member removes the whole conv groups, inputs included
+            fn = prune_conv_groups
+        idxs = sorted(rec)
         units = [unit_of[uf.find(min(rec[i]))] for i in idxs]
         members.append(Member(names[node.module], node.module, role, fn,
                               torch.tensor(idxs, dtype=torch.long), torch.tensor(units, dtype=torch.long)))
@@ -323,12 +442,3 @@ def _mask_points(members: list[Member], graph: tp.DependencyGraph) -> list[Membe
             continue
         points.append(m)
     return points
-
-
-def unique_modules(groups: Iterable[Group]) -> list[nn.Module]:
-    """Every real layer of the groups, once, in first-seen order."""
-    out: dict[int, nn.Module] = {}
-    for g in groups:
-        for m in g.members:
-            out.setdefault(id(m.module), m.module)
-    return list(out.values())
