@@ -94,13 +94,11 @@ def export(model: nn.Module, masks: ChannelMasks, optimizer: torch.optim.Optimiz
     if getattr(masks, "exported", False):
         raise ValueError("these masks were already exported; build new ChannelMasks for another export")
     dead = _dead_units(masks, masks.plan, force)
-    if verify:
-        bad = inexact_groups(masks, dead, masks.values)
-        if bad:
-            raise ValueError(
-                "the student would differ from the masked teacher on the example inputs; removing the units of "
-                f"group(s) {', '.join(repr(masks.groups[i].name) for i in bad)} changes the output. Exclude their "
-                "root layers (ignored_layers) or report the model")
+    if verify and (bad := inexact_groups(masks, dead, masks.values)):
+        raise ValueError(
+            "the student would differ from the masked teacher on the example inputs; removing the units of "
+            f"group(s) {', '.join(repr(masks.groups[i].name) for i in bad)} changes the output. Exclude their "
+            "root layers (ignored_layers) or report the model")
     fold_masks(masks.groups, masks.values, dead, lambda m: m.module)
     masks.remove()
     per_module = removals(masks.groups, dead)

@@ -1,19 +1,14 @@
 """Discovery of coupled channel groups on top of Torch-Pruning's ``DependencyGraph``.
 
 Torch-Pruning traces the model through autograd and links every layer to the layers whose channels must be pruned
-together with it. We reuse that graph, and walk it ourselves so that we can
-
-* see couplings Torch-Pruning cannot: ``PixelShuffle``/``PixelUnshuffle`` change the channel count (``r*r`` conv
-  channels make one output channel), which Torch-Pruning treats as an element-wise op (its issues #98, #420);
-* keep *every* (channel, root channel) pair. Channels that must go together (the ``r*r`` channels behind one pixel-shuffle
-  output, the channels of one ``GroupNorm`` group) are merged into one *unit*, and a unit carries one mask value.
-
-The result is a list of :class:`Group` objects: one mask vector each, with the member layers and, for every member,
-which of its channels belong to which unit.
+together with it. We reuse that graph but map its edges ourselves from the shapes recorded while tracing
+(:func:`_edge_maps`: cat, split/chunk, pixel (un)shuffle, flatten, broadcasts), stop at ops whose channel layout we
+cannot map, and keep *every* (channel, root channel) pair. Channels that must go together (the ``r*r`` channels behind
+one pixel-shuffle output, the channels of one ``GroupNorm`` group, channel i of equal chunks, the channels of one conv
+group of a grouped conv) are merged into one *unit*, and a unit carries one mask value.
 """
 from __future__ import annotations
 
-import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -26,8 +21,6 @@ from torch.overrides import TorchFunctionMode
 from torch_pruning import _helpers, ops
 
 from .macs import to_model_device
-
-log = logging.getLogger(__name__)
 
 #: Per-channel layers whose output the mask may follow (mask after the norm, so the norm cannot undo it).
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
@@ -84,23 +77,12 @@ class Group:
                 f"layers={len(self.layers)}, macs_per_unit={self.macs_per_unit:.3g})")
 
 
-class _UnionFind:
-    def __init__(self) -> None:
-        self.parent: dict[int, int] = {}
-
-    def find(self, a: int) -> int:
-        self.parent.setdefault(a, a)
-        root = a
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[a] != root:
-            self.parent[a], a = root, self.parent[a]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+def _find(parent: dict[int, int], a: int) -> int:
+    """Union-find root of ``a`` (the smallest member of its set), with path halving."""
+    while parent.setdefault(a, a) != a:
+        parent[a] = parent[parent[a]]
+        a = parent[a]
+    return a
 
 
 def _chdim(rank: int) -> int:
@@ -113,13 +95,9 @@ def _channels(shape: tuple) -> int | None:
 
 
 class _OpRecords(TorchFunctionMode):
-    """Records the tensor shapes around every op during tracing: ``{grad_fn: (op name, input shapes, output shapes)}``.
-
-    Torch-Pruning guesses channel counts by walking to the nearest layer (wrong behind a pixel shuffle), maps split
-    outputs by their order in its graph rather than by which chunk they are, and treats ops it does not know
-    (transposes, reshapes into heads, channel shuffles) as element-wise. These records let :func:`_edge_maps` map every
-    edge exactly or stop at it.
-    """
+    """Records ``{grad_fn: (op name, input shapes, output shapes)}`` for every op run while tracing (Torch-Pruning
+    infers channel counts from the nearest layer, maps split outputs by graph order, and takes unknown ops such as
+    transposes or reshapes into heads for element-wise ones)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -137,11 +115,11 @@ class _OpRecords(TorchFunctionMode):
         return out
 
 
-def _map(shift: int, lo: int = 0, hi: float = float("inf"), expand: int = 1, contract: int = 1) -> Callable:
-    """Index mapping: keep indices in ``[lo, hi)``, subtract ``lo`` and add ``shift``, then narrow (channel c becomes
-    ``c // contract``) and widen (channel c becomes ``c*expand .. c*expand+expand-1``)."""
+def _map(shift: int, lo: int = 0, hi: float = math.inf, expand: int = 1, contract: int = 1) -> Callable:
+    """Index mapping: keep indices in ``[lo, hi)``, subtract ``lo``, narrow (channel c becomes ``c // contract``),
+    widen (channel c becomes ``c*expand .. c*expand+expand-1``), add ``shift``."""
     def fn(idxs: list) -> list:
-        return [_helpers._HybridIndex(idx=(i.idx - lo + shift) // contract * expand + k, root_idx=i.root_idx)
+        return [_helpers._HybridIndex(idx=(i.idx - lo) // contract * expand + k + shift, root_idx=i.root_idx)
                 for i in idxs if lo <= i.idx < hi for k in range(expand)]
     return fn
 
@@ -149,22 +127,6 @@ def _map(shift: int, lo: int = 0, hi: float = float("inf"), expand: int = 1, con
 def _is_op(node: Any) -> bool:
     """Whether the node is a traced op (cat, view, add...) rather than a layer with a pruner of its own."""
     return type(node.module).__module__ == ops.__name__
-
-
-def _concat(fns: list[Callable]) -> Callable:
-    return lambda idxs: [j for fn in fns for j in fn(idxs)]
-
-
-def _stacked(info: tuple | None, multi_out: bool) -> tuple[int, list[int]] | None:
-    """``(dim, sizes)`` of a cat (inputs) or split (outputs) along the channel dim, None when along another dim."""
-    name, ins, outs = info
-    parts, whole = (outs, ins[0]) if multi_out else (ins, outs[0])
-    if any(len(p) != len(whole) for p in parts):  # unbind / stack: a dim appears or vanishes
-        return (-1, [])
-    dim = _chdim(len(whole))
-    if all(p[dim] == whole[dim] for p in parts) and len(parts) > 1:
-        return None
-    return dim, [p[dim] for p in parts]
 
 
 def _edge_maps(graph: tp.DependencyGraph, records: dict) -> tuple[dict[int, Callable], dict[Any, str]]:
@@ -178,68 +140,48 @@ def _edge_maps(graph: tp.DependencyGraph, records: dict) -> tuple[dict[int, Call
     """
     maps: dict[int, Callable] = {}
     barriers: dict[Any, str] = {}
-    kinds: dict[Any, tuple] = {}
+    sizes: dict[Any, list[int]] = {}  # cat inputs / split outputs along the channel dim
+    scale: dict[Any, tuple[int, int]] = {}  # (expand, contract) from input to output channels
     for node in graph.module2node.values():
-        info = records.get(node.grad_fn)
-        if info is None or not _is_op(node):
+        name, ins, outs = records.get(node.grad_fn, ("", [], []))
+        if not ins or not outs or not _is_op(node):
             continue
-        name, ins, outs = info
+        a, b = ins[0], outs[0]
         if node.type in (ops.OPTYPE.CONCAT, ops.OPTYPE.SPLIT, ops.OPTYPE.UNBIND):
-            st = _stacked(info, node.type != ops.OPTYPE.CONCAT)
-            if st is not None and st[0] < 0:
-                barriers[node] = f"{name} {ins[0]} -> {outs[0]}"
-            elif st is not None:
-                kinds[node] = st
-                node.module.split_sizes = st[1]
-        elif "pixel" in name and ins and outs:
-            kinds[node] = ("shuffle", ins[0][1] > outs[0][1], max(ins[0][1], outs[0][1]) // min(ins[0][1], outs[0][1]))
-        elif ins and outs and (len(ins[0]) != len(outs[0]) or _channels(ins[0]) != _channels(outs[0])):
-            flat = len(outs[0]) == 2 and len(ins[0]) >= 4 and outs[0][1] == math.prod(ins[0][1:])
-            if flat:
-                kinds[node] = ("flatten", math.prod(ins[0][2:]))
-            elif not (len(ins[0]) >= 2 and len(outs[0]) >= 2 and _channels(ins[0]) == _channels(outs[0])
-                      and _chdim(len(ins[0])) == _chdim(len(outs[0])) == 1):
-                barriers[node] = f"{name} {ins[0]} -> {outs[0]}"
+            parts, whole = (ins, b) if node.type == ops.OPTYPE.CONCAT else (outs, a)
+            dim = _chdim(len(whole))
+            if any(len(p) != len(whole) for p in parts):  # unbind / stack
+                barriers[node] = f"{name} {a} -> {b}"
+            elif len(parts) == 1 or any(p[dim] != whole[dim] for p in parts):
+                sizes[node] = node.module.split_sizes = [p[dim] for p in parts]
+        elif "pixel" in name:
+            scale[node] = (1, a[1] // b[1]) if a[1] > b[1] else (b[1] // a[1], 1)
+        elif len(b) == 2 and len(a) >= 4 and b[1] == math.prod(a[1:]):  # flatten before a linear layer
+            scale[node] = (math.prod(a[2:]), 1)
+        elif _channels(a) != _channels(b) or (len(a) != len(b) and _chdim(len(a)) != _chdim(len(b))):
+            barriers[node] = f"{name} {a} -> {b}"
     for cons in graph.module2node.values():
         info = records.get(cons.grad_fn)
+        cat = sizes.get(cons) if cons.type == ops.OPTYPE.CONCAT else None
+        e, c = scale.get(cons, (1, 1))
         for prod in dict.fromkeys(cons.inputs):
-            entries = [(k, nr) for k, (fn, nr) in enumerate(getattr(cons.grad_fn, "next_functions", ()))
-                       if fn is prod.grad_fn]
-            if not entries:
-                continue
+            nexts = getattr(cons.grad_fn, "next_functions", ())
+            if not any(fn is prod.grad_fn for fn, _ in nexts):
+                continue  # a layer called twice: its node keeps the first call's grad_fn (Torch-Pruning's mapping)
+            parts = sizes.get(prod) if prod.type != ops.OPTYPE.CONCAT else None
             fwd, bwd = [], []
-            for k, nr in entries:
-                lo, hi, shift = 0, float("inf"), 0
-                split = kinds.get(prod)
-                if isinstance(split, tuple) and isinstance(split[0], int) and prod.type != ops.OPTYPE.CONCAT:
-                    lo = sum(split[1][:nr])
-                    hi = lo + split[1][nr]
-                cat = kinds.get(cons)
-                if isinstance(cat, tuple) and isinstance(cat[0], int) and cons.type == ops.OPTYPE.CONCAT:
-                    shift = sum(cat[1][:k])
-                    width = cat[1][k]
-                elif _is_op(cons) and info is not None and k < len(info[1]) and info[2] \
-                        and _channels(info[1][k]) == 1 and (_channels(info[2][0]) or 1) > 1:
-                    continue  # broadcast along channels: no coupling
-                else:
-                    width = hi - lo
-                kind = kinds.get(cons, ())
-                if kind and kind[0] == "shuffle":
-                    r2 = kind[2]  # r*r channels per shuffled channel
-                    fwd.append(_map(0, contract=r2) if kind[1] else _map(0, expand=r2))
-                    bwd.append(_map(0, expand=r2) if kind[1] else _map(0, contract=r2))
-                elif kind and kind[0] == "flatten":
-                    fwd.append(_map(0, expand=kind[1]))
-                    bwd.append(_map(0, contract=kind[1]))
-                else:
-                    fwd.append(_map(shift, lo, hi))
-                    bwd.append(_map(lo, shift, shift + width))
-            for dep in prod.dependencies:
-                if dep.target is cons:
-                    maps[id(dep)] = _concat(fwd)
-            for dep in cons.dependencies:
-                if dep.target is prod:
-                    maps[id(dep)] = _concat(bwd)
+            for k, (fn, nr) in enumerate(nexts):
+                if fn is not prod.grad_fn or (_is_op(cons) and info and k < len(info[1]) and info[2]
+                                              and _channels(info[1][k]) == 1 < (_channels(info[2][0]) or 1)):
+                    continue  # another input, or one broadcast along the channels (no coupling)
+                lo, hi = (sum(parts[:nr]), sum(parts[:nr + 1])) if parts else (0, math.inf)
+                shift = sum(cat[:k]) if cat else 0
+                fwd.append(_map(shift, lo, hi, e, c))
+                bwd.append(_map(lo, shift, shift + cat[k] if cat else (hi - lo) * e / c, c, e))
+            for dep in prod.dependencies + cons.dependencies:
+                if (dep.source, dep.target) in ((prod, cons), (cons, prod)):
+                    fns = fwd if dep.target is cons else bwd
+                    maps[id(dep)] = lambda idxs, fns=fns: [j for f in fns for j in f(idxs)]
     return maps, barriers
 
 
@@ -300,11 +242,8 @@ def prune_conv_groups(layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
 
 def build_graph(model: nn.Module, example_inputs: Any, forward_fn: Callable | None = None,
                 output_transform: Callable | None = None) -> tuple[tp.DependencyGraph, dict[int, Callable], dict]:
-    """Trace ``model`` with Torch-Pruning and map its edges ourselves (:func:`_edge_maps`).
-
-    Torch-Pruning's ``build_dependency`` is run without its last step (``update_index_mapping``), whose reshape and
-    split mappings are wrong or raise on channel shuffles, multi-way splits and reshapes into heads.
-    """
+    """Trace ``model`` with Torch-Pruning's ``build_dependency`` minus its last step (``update_index_mapping``, wrong
+    or raising on channel shuffles, multi-way splits, reshapes into heads) and map the edges with :func:`_edge_maps`."""
     was_training = model.training
     graph = tp.DependencyGraph()
     graph.verbose, graph.model, graph.ignored_params = False, model, []
@@ -353,7 +292,6 @@ def find_groups(model: nn.Module, example_inputs: Any, ignored_layers: Sequence[
                     unpruned.setdefault(names[node.module], f"its group {reason}")
         if reason is None:
             groups.append(_build_group(name, seen, names, graph))
-            groups[-1].index = len(groups) - 1
     return groups, unpruned
 
 
@@ -372,9 +310,6 @@ def _reject_reason(seen: dict, names: dict, ignored: set[int], graph: tp.Depende
             return f"holds the output channels of ignored layer {names[module]!r}"
         if not isinstance(module, SUPPORTED_TYPES):
             return f"holds {type(module).__name__} {names[module]!r}, which cannot be shrunk exactly"
-        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not _is_depthwise(module) \
-                and (module.transposed or module.groups == module.out_channels):
-            return f"holds grouped conv {names[module]!r}, whose groups cannot be removed whole"
     for node, _ in seen:
         if node in barriers:
             return f"crosses {barriers[node]}, a channel layout maskdecay cannot map"
@@ -382,30 +317,25 @@ def _reject_reason(seen: dict, names: dict, ignored: set[int], graph: tp.Depende
 
 
 def _build_group(name: str, seen: dict, names: dict, graph: tp.DependencyGraph) -> Group:
-    uf = _UnionFind()
+    parent: dict[int, int] = {}
     real = [(node, fn, rec) for (node, fn), rec in seen.items() if node.module in names and rec]
-    for (node, fn), rec in seen.items():
-        for roots in rec.values():
-            first = min(roots)
-            for r in roots:
-                uf.union(first, r)
-    for (node, fn), rec in seen.items():
+    for (node, fn), rec in seen.items():  # roots reaching one channel are one unit; so are, in a channel's place,
         sizes = getattr(node.module, "split_sizes", None) if node.type == ops.OPTYPE.SPLIT else None
-        if isinstance(node.module, nn.GroupNorm):  # a unit is a whole norm group
-            key = node.module.num_channels // node.module.num_groups
-            key_fn = lambda idx: idx // key  # noqa: E731
-        elif sizes and len(set(sizes)) == 1:  # equal chunks stay equal: channel i of every chunk is one unit
-            key_fn = lambda idx: idx % sizes[0]  # noqa: E731
+        if isinstance(node.module, nn.GroupNorm):  # the channels of a norm group
+            key = lambda idx, per=node.module.num_channels // node.module.num_groups: idx // per  # noqa: E731
+        elif sizes and len(set(sizes)) == 1:  # and channel i of every equal chunk (chunks stay equal)
+            key = lambda idx, n=sizes[0]: idx % n  # noqa: E731
         else:
-            continue
+            key = lambda idx: idx  # noqa: E731
         tied: dict[int, list[int]] = defaultdict(list)
         for idx, roots in rec.items():
-            tied[key_fn(idx)].extend(roots)
+            tied[key(idx)].extend(roots)
         for roots in tied.values():
             for r in roots:
-                uf.union(roots[0], r)
+                ra, rb = _find(parent, roots[0]), _find(parent, r)
+                parent[max(ra, rb)] = min(ra, rb)
     root_rec = next(rec for (node, fn), rec in seen.items() if names.get(node.module) == name)
-    comps = sorted({uf.find(r) for r in root_rec})
+    comps = sorted({_find(parent, r) for r in root_rec})
     unit_of = {c: u for u, c in enumerate(comps)}
     members = []
     for node, fn, rec in real:
@@ -415,7 +345,7 @@ def _build_group(name: str, seen: dict, names: dict, graph: tp.DependencyGraph) 
                 continue  # the output member removes the whole conv groups, inputs included
             fn = prune_conv_groups
         idxs = sorted(rec)
-        units = [unit_of[uf.find(min(rec[i]))] for i in idxs]
+        units = [unit_of[_find(parent, min(rec[i]))] for i in idxs]
         members.append(Member(names[node.module], node.module, role, fn,
                               torch.tensor(idxs, dtype=torch.long), torch.tensor(units, dtype=torch.long)))
     order = {n: i for i, n in enumerate(names.values())}

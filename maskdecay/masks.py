@@ -80,8 +80,8 @@ class ChannelMasks:
 
     Groups come from Torch-Pruning's ``DependencyGraph``, with every edge mapped by maskdecay (cat, split/chunk, pixel
     (un)shuffle, flatten, GroupNorm groups, whole conv groups of grouped convs; see :mod:`maskdecay.graph`). Layers
-    that cannot be pruned exactly are left whole: :attr:`unpruned` (and :meth:`coverage`) say which and why, and
-    one INFO line lists them. Each group holds one mask vector (``float32``, initially 1) with one entry per unit;
+    that cannot be pruned exactly are left whole: :attr:`unpruned` says which and why, and one INFO line
+    lists them. Each group holds one mask vector (``float32``, initially 1) with one entry per unit;
     the mask multiplies the output of every layer that produces the group's channels (after its norm layer), so a
     zero entry zeroes the channel everywhere it is read and removing it later changes nothing.
 
@@ -124,19 +124,16 @@ class ChannelMasks:
             gen = torch.Generator().manual_seed(0)
             dead = [torch.randperm(g.size, generator=gen) < g.size // 2 for g in self.groups]
             bad = set(inexact_groups(self, dead, self.values) or ())
-            for i in bad:
-                for m in self.groups[i].members:
-                    if m.role == "out" and isinstance(m.module, (nn.modules.conv._ConvNd, nn.Linear)):
-                        self.unpruned[m.name] = "removing channels of its group changes the output (exactness check)"
+            self.unpruned.update({m.name: "removing channels of its group changes the output (exactness check)"
+                                  for i in bad for m in self.groups[i].members
+                                  if m.role == "out" and isinstance(m.module, (nn.modules.conv._ConvNd, nn.Linear))})
             if bad:
                 self.remove()
                 self._setup([g for i, g in enumerate(groups) if i not in bad])
         if self.unpruned:
-            by_reason: dict[str, list[str]] = {}
-            for layer, why in self.unpruned.items():
-                by_reason.setdefault(why, []).append(layer)
-            log.info("%s: %d conv/linear layers left whole: %s", type(model).__name__, len(self.unpruned),
-                     "; ".join(f"{why}: {', '.join(layers)}" for why, layers in by_reason.items()))
+            log.info("%s: %d conv/linear layers left whole: %s", type(model).__name__, len(self.unpruned), "; ".join(
+                f"{why}: {', '.join(n for n, w in self.unpruned.items() if w == why)}"
+                for why in dict.fromkeys(self.unpruned.values())))
 
     def _setup(self, groups: list[Group]) -> None:
         """Index the groups, count their MACs, create their mask vectors and attach the hooks."""
@@ -163,13 +160,6 @@ class ChannelMasks:
         self.plan = None  # set by MaskDecay / apply_plan
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.attach()
-
-    def coverage(self) -> dict[str, str | None]:
-        """Every conv/linear layer of the model: ``None`` when its output channels are prunable (in a group), else
-        the reason it is left whole (ignored, feeds the output, coupled to a layer or op maskdecay cannot shrink
-        exactly...). :attr:`unpruned` holds the layers left whole alone."""
-        return {name: self.unpruned.get(name) for name, m in self.model.named_modules()
-                if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
 
     # ------------------------------------------------------------------ structure
     @property

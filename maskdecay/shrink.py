@@ -64,8 +64,7 @@ def prune_module(module: nn.Module, ops: dict[Callable, set[int]]) -> None:
 def _tensors(out: Any) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
+    out = list(out.values()) if isinstance(out, dict) else out
     return [t for o in out for t in _tensors(o)] if isinstance(out, (list, tuple)) else []
 
 
@@ -77,10 +76,10 @@ def _outputs(masks: ChannelMasks, model: nn.Module) -> list[torch.Tensor]:
 
 def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     """Equal up to float rounding: shapes equal, values within 1e-3 relative or 1e-4 of the largest output."""
-    return len(a) == len(b) and all(
-        x.shape == y.shape and torch.allclose(y.float(), x.float(), rtol=1e-3, equal_nan=True,
-                                              atol=1e-4 * float(x.float().nan_to_num(0, 0, 0).abs().max().clamp_min(1e-30)))
-        for x, y in zip(a, b))
+    def close(x: torch.Tensor, y: torch.Tensor) -> bool:
+        scale = float(x.float().nan_to_num(0, 0, 0).abs().max()) if x.numel() else 0.0
+        return torch.allclose(y.float(), x.float(), rtol=1e-3, atol=1e-4 * scale, equal_nan=True)
+    return len(a) == len(b) and all(x.shape == y.shape and close(x, y) for x, y in zip(a, b))
 
 
 def inexact_groups(masks: ChannelMasks, dead: list[torch.Tensor], values: list[torch.Tensor]) -> list[int] | None:
@@ -122,21 +121,16 @@ def inexact_groups(masks: ChannelMasks, dead: list[torch.Tensor], values: list[t
 
         bad: list[int] = []
 
-        def bisect(subset: list[int]) -> None:
-            halves = [subset[:len(subset) // 2], subset[len(subset) // 2:]]
+        def bisect(subset: list[int]) -> None:  # ``subset`` changes the output
             found = len(bad)
-            for half in halves:
-                if len(half) == 1 and changes(half):
-                    bad.extend(half)
-                elif len(half) > 1 and changes(half):
+            for half in (subset[:len(subset) // 2], subset[len(subset) // 2:]) if len(subset) > 1 else ():
+                if changes(half):
                     bisect(half)
-            if len(bad) == found:  # only the halves together change it
+            if len(bad) == found:  # a single group, or only the halves together change it
                 bad.extend(subset)
 
         candidates = [i for i, d in enumerate(dead) if bool(d.any())]
-        if len(candidates) == 1 and changes(candidates):
-            bad.extend(candidates)
-        elif len(candidates) > 1 and changes(candidates):
+        if candidates and changes(candidates):
             bisect(candidates)
         return bad
     finally:
