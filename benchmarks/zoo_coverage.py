@@ -14,8 +14,9 @@ one thread, the classifier (the layers with one output per class) ignored:
 * Torch-Pruning: ``MagnitudePruner`` (L1, uniform ratio ``1 - sqrt(0.5)``, which gives about half the MACs), one
   step; recorded: its groups, the pruned model's MACs, and whether it still runs and gives the output shape.
 
-Models run smallest first (by parameter count), those above ``--max-params`` million are skipped. The JSON is
-rewritten after every model and models already in it are skipped, so an interrupted run resumes.
+Models run in the order timm, torchvision classification, torchvision segmentation; those above ``--max-params``
+million parameters are skipped. The JSON is rewritten after every model and models already in it are skipped, so an
+interrupted run resumes.
 """
 from __future__ import annotations
 
@@ -43,12 +44,12 @@ def zoo() -> dict[str, tuple[Callable[[], nn.Module], bool]]:
     import timm
     from torchvision import models
     out: dict[str, tuple[Callable[[], nn.Module], bool]] = {}
+    for name in TIMM:
+        out[f"timm/{name}"] = (lambda n=name: timm.create_model(n, pretrained=False), False)
     for name in models.list_models(module=models):
         out[f"tv/{name}"] = (lambda n=name: models.get_model(n, weights=None), False)
     for name in models.list_models(module=models.segmentation):
         out[f"tv/{name}"] = (lambda n=name: models.get_model(n, weights=None, weights_backbone=None), True)
-    for name in TIMM:
-        out[f"timm/{name}"] = (lambda n=name: timm.create_model(n, pretrained=False), False)
     return out
 
 
@@ -63,11 +64,10 @@ def _forward(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         return _tensors(model(x))
 
 
-def _classifier(model: nn.Module, n_out: set[int]) -> list[nn.Module]:
-    """Layers whose output channels are the classes (the last ones with that width)."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-              and (m.out_features if isinstance(m, nn.Linear) else m.out_channels) in n_out]
-    return layers[-2:] if len(n_out) == 1 and any(isinstance(m, nn.Conv2d) for m in layers) else layers[-1:]
+def _classifier(model: nn.Module, n_out: int) -> list[nn.Module]:
+    """The layers with one output channel per class (classifier heads, auxiliary heads included)."""
+    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+            and (m.out_features if isinstance(m, nn.Linear) else m.out_channels) == n_out]
 
 
 def run_maskdecay(model: nn.Module, x: torch.Tensor, ignored: list[nn.Module]) -> dict[str, Any]:
@@ -113,7 +113,12 @@ def main() -> None:
     ap.add_argument("--max-params", type=float, default=200.0, help="skip models above this many million params")
     ap.add_argument("--json", default="runs/zoo_coverage.json")
     ap.add_argument("--no-tp", action="store_true")
+    ap.add_argument("--markdown", action="store_true", help="print the table of --json as markdown and exit")
     args = ap.parse_args()
+    if args.markdown:
+        with open(args.json) as f:
+            print(markdown(json.load(f)))
+        return
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
@@ -129,26 +134,24 @@ def main() -> None:
     if os.path.exists(args.json):
         with open(args.json) as f:
             record["models"] = json.load(f)["models"]
-    sizes = {}
     for label in chosen:
-        torch.manual_seed(0)
-        sizes[label] = sum(p.numel() for p in models[label][0]().parameters()) / 1e6
-    for label in sorted(chosen, key=sizes.get):
         if label in record["models"]:
             continue
         factory, seg = models[label]
-        row: dict[str, Any] = {"params_m": sizes[label]}
-        if sizes[label] > args.max_params:
-            row["skipped"] = f"{sizes[label]:.0f} M parameters > --max-params"
+        torch.manual_seed(0)
+        model = factory().eval()
+        row: dict[str, Any] = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6}
+        if row["params_m"] > args.max_params:
+            row["skipped"] = f"{row['params_m']:.0f} M parameters > --max-params"
         else:
             x = torch.randn(1, 3, *(2 * [args.seg_size if seg else args.size]), generator=torch.Generator().manual_seed(0))
             for key, fn in (("maskdecay", run_maskdecay), ("tp", run_tp))[:1 if args.no_tp else 2]:
-                torch.manual_seed(0)
-                model = factory().eval()
-                n_out = {21} if seg else {1000}
+                if key == "tp":
+                    torch.manual_seed(0)
+                    model = factory().eval()
                 t0 = time.perf_counter()
                 try:
-                    row[key] = fn(model, x, _classifier(model, n_out))
+                    row[key] = fn(model, x, _classifier(model, 21 if seg else 1000))
                 except Exception as e:  # noqa: BLE001 -- recorded per model
                     row[key] = {"error": f"{type(e).__name__}: {e}"[:300], "trace": traceback.format_exc()[-1500:]}
                 row[key]["seconds"] = round(time.perf_counter() - t0, 1)
@@ -169,6 +172,35 @@ def _line(label: str, row: dict[str, Any]) -> str:
     theirs = (f"TP groups {t['groups']:4d} MACs {t['macs_ratio']:.3f} {t['result']}" if "groups" in t
               else f"TP ERROR {t.get('error', '')[:50]}")
     return f"{label:34s} {ours} | {theirs}"
+
+
+def _reasons(whole: dict[str, str]) -> str:
+    """Layers left whole, counted by the kind of reason."""
+    kinds = {"reaches the model output": "output", "LayerNorm": "LayerNorm", "crosses": "layout",
+             "exactness check": "check", "bare nn.Parameter": "parameter", "not called": "unused", "holds": "layer"}
+    counts: dict[str, int] = {}
+    for why in whole.values():
+        kind = next((k for frag, k in kinds.items() if frag in why), "other")
+        counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The coverage table of a JSON record, as markdown."""
+    lines = ["| model | params (M) | groups | conv/linear left whole (why) | student MACs | max \\|student - masked\\| "
+             "| TP groups | TP MACs | TP result |", "|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    for label, row in record["models"].items():
+        if "skipped" in row:
+            lines.append(f"| {label} | {row['params_m']:.1f} | | skipped | | | | | |")
+            continue
+        m, t = row["maskdecay"], row.get("tp", {})
+        ours = (f"{m['groups']} | {m['whole']} of {m['layers']} ({_reasons(m['whole_layers'])}) | "
+                f"{m['macs_ratio']:.3f} | {m['max_abs_diff']:.1e}" if "error" not in m
+                else f"error | {m['error'][:80]} | | ")
+        theirs = (f"{t['groups']} | {t['macs_ratio']:.3f} | {t['result']}" if "groups" in t
+                  else f" | | error: {t.get('error', '').split(':')[0]}")
+        lines.append(f"| {label} | {row['params_m']:.1f} | {ours} | {theirs} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -106,12 +106,13 @@ class _OpRecords(TorchFunctionMode):
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
-        if outs and isinstance(outs[0], torch.Tensor) and outs[0].grad_fn is not None:
+        fn = outs[0].grad_fn if outs and isinstance(outs[0], torch.Tensor) else None
+        if fn is not None and fn not in self.ops:  # the first op with this grad_fn (dropout in eval returns its input)
             flat = [t for a in list(args) + list((kwargs or {}).values())
                     for t in (a if isinstance(a, (list, tuple)) else [a])]
-            self.ops[outs[0].grad_fn] = (getattr(func, "__name__", str(func)),
-                                         [tuple(t.shape) for t in flat if isinstance(t, torch.Tensor)],
-                                         [tuple(t.shape) for t in outs if isinstance(t, torch.Tensor)])
+            self.ops[fn] = (getattr(func, "__name__", str(func)),
+                            [tuple(t.shape) for t in flat if isinstance(t, torch.Tensor)],
+                            [tuple(t.shape) for t in outs if isinstance(t, torch.Tensor)])
         return out
 
 
@@ -148,10 +149,11 @@ def _edge_maps(graph: tp.DependencyGraph, records: dict) -> tuple[dict[int, Call
             continue
         a, b = ins[0], outs[0]
         if node.type in (ops.OPTYPE.CONCAT, ops.OPTYPE.SPLIT, ops.OPTYPE.UNBIND):
-            parts, whole = (ins, b) if node.type == ops.OPTYPE.CONCAT else (outs, a)
+            cat = node.type == ops.OPTYPE.CONCAT
+            parts, whole = (ins, b) if cat else (outs, a)
             dim = _chdim(len(whole))
-            if any(len(p) != len(whole) for p in parts):  # unbind / stack
-                barriers[node] = f"{name} {a} -> {b}"
+            if any(len(p) != len(whole) for p in parts) or len(ins) < len(node.grad_fn.next_functions) and cat:
+                barriers[node] = f"{name} {a} -> {b}"  # unbind / stack (or a cat whose inputs were not recorded)
             elif len(parts) == 1 or any(p[dim] != whole[dim] for p in parts):
                 sizes[node] = node.module.split_sizes = [p[dim] for p in parts]
         elif "pixel" in name:
@@ -206,14 +208,11 @@ def _walk(graph: tp.DependencyGraph, module: nn.Module, handler: Callable, start
 
     while stack:
         node, fn, idxs = stack.pop()
-        mod = node.module
-        if _is_grouped(mod):
-            pruner = graph.get_pruner_of_module(mod)
-            per_in, per_out = mod.in_channels // mod.groups, mod.out_channels // mod.groups
-            if fn == pruner.prune_in_channels:
-                visit(node, pruner.prune_out_channels, _map(0, expand=per_out, contract=per_in)(idxs))
-            else:
-                visit(node, pruner.prune_in_channels, _map(0, expand=per_in, contract=per_out)(idxs))
+        if _is_grouped(node.module):  # input channels <-> output channels of the same conv groups
+            pr, m = graph.get_pruner_of_module(node.module), node.module
+            a, b, to_out = m.in_channels // m.groups, m.out_channels // m.groups, fn == pr.prune_in_channels
+            visit(node, pr.prune_out_channels if to_out else pr.prune_in_channels,
+                  _map(0, expand=b if to_out else a, contract=a if to_out else b)(idxs))
         for dep in node.dependencies:
             if dep.is_triggered_by(fn):
                 new = maps[id(dep)](idxs) if id(dep) in maps else idxs
@@ -310,6 +309,10 @@ def _reject_reason(seen: dict, names: dict, ignored: set[int], graph: tp.Depende
             return f"holds the output channels of ignored layer {names[module]!r}"
         if not isinstance(module, SUPPORTED_TYPES):
             return f"holds {type(module).__name__} {names[module]!r}, which cannot be shrunk exactly"
+        pruner = graph.get_pruner_of_module(module)
+        n = (pruner.get_out_channels if graph.is_out_channel_pruning_fn(fn) else pruner.get_in_channels)(module)
+        if rec and n is not None and max(rec) >= n:
+            return f"maps channel {max(rec)} onto {names[module]!r}, which has {n}"
     for node, _ in seen:
         if node in barriers:
             return f"crosses {barriers[node]}, a channel layout maskdecay cannot map"

@@ -80,10 +80,11 @@ class ChannelMasks:
 
     Groups come from Torch-Pruning's ``DependencyGraph``, with every edge mapped by maskdecay (cat, split/chunk, pixel
     (un)shuffle, flatten, GroupNorm groups, whole conv groups of grouped convs; see :mod:`maskdecay.graph`). Layers
-    that cannot be pruned exactly are left whole: :attr:`unpruned` says which and why, and one INFO line
-    lists them. Each group holds one mask vector (``float32``, initially 1) with one entry per unit;
-    the mask multiplies the output of every layer that produces the group's channels (after its norm layer), so a
-    zero entry zeroes the channel everywhere it is read and removing it later changes nothing.
+    that cannot be pruned exactly are left whole: ``unpruned`` (``{layer name: reason}`` for every conv/linear layer
+    in no group) says which and why, and one INFO line lists them. Each group holds one mask vector (``float32``,
+    initially 1) with one entry per unit; the mask multiplies the output of every layer that produces the group's
+    channels (after its norm layer), so a zero entry zeroes the channel everywhere it is read and removing it later
+    changes nothing.
 
     Args:
         model: the teacher. Hooks are attached at once; :meth:`remove` detaches them (``export`` does it for you).
@@ -98,9 +99,6 @@ class ChannelMasks:
             of the model gives the masked model's output; groups that do not (a coupling the graph misses) are left
             whole, with the reason in :attr:`unpruned`. Costs a copy of the model and a few forward passes.
 
-    Attributes:
-        unpruned: ``{layer name: reason}`` for every conv/linear layer whose output channels are in no group.
-
     Raises:
         ValueError: the model has no prunable channel group, or ``round_to`` < 1.
     """
@@ -113,8 +111,7 @@ class ChannelMasks:
         self.model = model
         self.round_to = int(round_to)
         self.forward_fn = forward_fn
-        self.output_transform = output_transform
-        self.example_inputs = example_inputs
+        self.output_transform, self.example_inputs = output_transform, example_inputs
         names = {m: n for n, m in model.named_modules()}
         self.ignored_names = [names[m] for m in ignored_layers if m in names]
         self.input_spec = _input_spec(example_inputs)
