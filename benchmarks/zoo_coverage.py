@@ -14,8 +14,7 @@ one thread, the classifier (the layers with one output per class) ignored:
 * Torch-Pruning: ``MagnitudePruner`` (L1, uniform ratio ``1 - sqrt(0.5)``, which gives about half the MACs), one
   step; recorded: its groups, the pruned model's MACs, and whether it still runs and gives the output shape.
 
-Models run in the order timm, torchvision classification, torchvision segmentation; those above ``--max-params``
-million parameters are skipped. The JSON is rewritten after every model and models already in it are skipped, so an
+Models run in the order of :func:`zoo`; those above ``--max-params`` million parameters are skipped. The JSON is rewritten after every model and models already in it are skipped, so an
 interrupted run resumes.
 """
 from __future__ import annotations
@@ -40,16 +39,18 @@ TIMM = ["resnet50", "resnext50_32x4d", "regnetx_004", "regnety_004", "densenet12
 
 
 def zoo() -> dict[str, tuple[Callable[[], nn.Module], bool]]:
-    """``{label: (factory, is_segmentation)}`` for every model of the run."""
+    """``{label: (factory, is_segmentation)}`` for every model of the run: the timm families, then torchvision's
+    classification and segmentation models by increasing GFLOPs (as torchvision's weight metadata gives them)."""
     import timm
     from torchvision import models
     out: dict[str, tuple[Callable[[], nn.Module], bool]] = {}
     for name in TIMM:
         out[f"timm/{name}"] = (lambda n=name: timm.create_model(n, pretrained=False), False)
-    for name in models.list_models(module=models):
-        out[f"tv/{name}"] = (lambda n=name: models.get_model(n, weights=None), False)
-    for name in models.list_models(module=models.segmentation):
-        out[f"tv/{name}"] = (lambda n=name: models.get_model(n, weights=None, weights_backbone=None), True)
+    tv = [(n, False) for n in models.list_models(module=models)]
+    tv += [(n, True) for n in models.list_models(module=models.segmentation)]
+    for name, seg in sorted(tv, key=lambda ns: models.get_model_weights(ns[0]).DEFAULT.meta["_ops"]):
+        kw = {"weights_backbone": None} if seg else {}
+        out[f"tv/{name}"] = (lambda n=name, kw=kw: models.get_model(n, weights=None, **kw), seg)
     return out
 
 

@@ -192,7 +192,7 @@ def _walk(graph: tp.DependencyGraph, module: nn.Module, handler: Callable, start
     """All (node, handler) reached from pruning channels ``start`` of ``module``, with {idx: {root idxs}} for each.
 
     The walk stops at barrier nodes (recorded, not crossed), and crosses a grouped conv from its input channels to
-    the output channels of the same conv groups (and back): grouped convs are pruned by whole conv groups.
+    the output channels of the same conv groups (and back); :func:`_build_group` ties each conv group into one unit.
     """
     root = graph.module2node[module]
     seen: dict[tuple[Any, Callable], dict[int, set[int]]] = {(root, handler): {i: {i} for i in start}}
@@ -208,11 +208,13 @@ def _walk(graph: tp.DependencyGraph, module: nn.Module, handler: Callable, start
 
     while stack:
         node, fn, idxs = stack.pop()
-        if _is_grouped(node.module):  # input channels <-> output channels of the same conv groups
+        if _is_grouped(node.module):  # channel j of a conv group <-> the channels k == j (mod min) on the other side
             pr, m = graph.get_pruner_of_module(node.module), node.module
             a, b, to_out = m.in_channels // m.groups, m.out_channels // m.groups, fn == pr.prune_in_channels
+            a, b, n = (a, b, min(a, b)) if to_out else (b, a, min(a, b))
             visit(node, pr.prune_out_channels if to_out else pr.prune_in_channels,
-                  _map(0, expand=b if to_out else a, contract=a if to_out else b)(idxs))
+                  [_helpers._HybridIndex(idx=i.idx // a * b + k, root_idx=i.root_idx)
+                   for i in idxs for k in range(i.idx % a % n, b, n)])
         for dep in node.dependencies:
             if dep.is_triggered_by(fn):
                 new = maps[id(dep)](idxs) if id(dep) in maps else idxs
@@ -323,9 +325,11 @@ def _build_group(name: str, seen: dict, names: dict, graph: tp.DependencyGraph) 
     parent: dict[int, int] = {}
     real = [(node, fn, rec) for (node, fn), rec in seen.items() if node.module in names and rec]
     for (node, fn), rec in seen.items():  # roots reaching one channel are one unit; so are, in a channel's place,
-        sizes = getattr(node.module, "split_sizes", None) if node.type == ops.OPTYPE.SPLIT else None
-        if isinstance(node.module, nn.GroupNorm):  # the channels of a norm group
-            key = lambda idx, per=node.module.num_channels // node.module.num_groups: idx // per  # noqa: E731
+        sizes, m = getattr(node.module, "split_sizes", None) if node.type == ops.OPTYPE.SPLIT else None, node.module
+        if isinstance(m, nn.GroupNorm) or _is_grouped(m):  # the channels of a norm group or conv group
+            per = (m.num_channels // m.num_groups if isinstance(m, nn.GroupNorm) else
+                   (m.out_channels if graph.is_out_channel_pruning_fn(fn) else m.in_channels) // m.groups)
+            key = lambda idx, per=per: idx // per  # noqa: E731
         elif sizes and len(set(sizes)) == 1:  # and channel i of every equal chunk (chunks stay equal)
             key = lambda idx, n=sizes[0]: idx % n  # noqa: E731
         else:

@@ -194,8 +194,6 @@ class ChannelMasks:
                 table = out_units if mem.role == "out" else in_units
                 if mem.name in table:
                     table[mem.name][mem.idxs] = mem.units + off
-                if mem.name in depthwise:  # depthwise: input channels are the output channels
-                    in_units[mem.name][mem.idxs] = mem.units + off
         return MacModel(layer_macs, out_units, in_units, depthwise, self.n_units)
 
     def macs(self, keep: dict[str, torch.Tensor] | None = None) -> float:

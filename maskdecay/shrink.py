@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     from .masks import ChannelMasks
 
 log = logging.getLogger(__name__)
-Ops = dict[str, tuple[nn.Module, dict[Callable, set[int]]]]
 
 
 def fold_masks(groups: list[Group], values: list[torch.Tensor], dead: list[torch.Tensor],
@@ -41,9 +40,9 @@ def fold_masks(groups: list[Group], values: list[torch.Tensor], dead: list[torch
                     mod.bias.index_copy_(0, idx, mod.bias[idx] * scale.to(mod.bias))
 
 
-def removals(groups: list[Group], dead: list[torch.Tensor]) -> Ops:
+def removals(groups: list[Group], dead: list[torch.Tensor]) -> dict[str, tuple[nn.Module, dict[Callable, set[int]]]]:
     """``{layer name: (layer, {pruning function: channels})}`` removing the dead units of every group."""
-    per_module: Ops = {}
+    per_module: dict[str, tuple[nn.Module, dict[Callable, set[int]]]] = {}
     for g, d in zip(groups, dead):
         for m in g.members:
             chans = m.idxs[d[m.units]].tolist()
@@ -85,10 +84,9 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def inexact_groups(masks: ChannelMasks, dead: list[torch.Tensor], values: list[torch.Tensor]) -> list[int] | None:
     """Indices of the groups whose removal of units ``dead`` changes the output of the masked model.
 
-    The reference is the model with masks ``values`` (dead units at 0), in eval mode on the example inputs; each
-    check removes the dead units of some groups from a copy of the model and compares its output (an exception
-    counts as a change). Groups are bisected, so a few faulty groups cost a few checks each. None when two identical
-    forward passes already differ (a non-deterministic model cannot be checked).
+    Reference: the model with masks ``values`` (dead units at 0), eval mode, example inputs. Each check removes the
+    dead units of some groups (bisected) from a copy and compares its output (an exception counts as a change).
+    None when two identical forward passes differ (a non-deterministic model cannot be checked).
     """
     model, attached = masks.model, masks.attached
     modes = {m: m.training for m in model.modules()}
