@@ -64,7 +64,7 @@ def test_zoo_export_is_exact(name: str) -> None:
 def test_zoo_coverage(name: str, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="maskdecay"):
         model, _, masks = _masks(name)
-    expected = {classifier(model) and n: "ignored" for n, m in model.named_modules() if m is classifier(model)}
+    expected = {n: "ignored" for n, m in model.named_modules() if m is classifier(model)}
     expected.update(EXPECTED_WHOLE[name])
     assert sorted(masks.unpruned) == sorted(expected)
     for layer, fragment in expected.items():
@@ -131,3 +131,23 @@ def test_attention_left_whole_student_runs() -> None:
     student = md.export(model, masks)
     assert student.blocks[0].attn.qkv.out_features == 96
     assert student.blocks[0].mlp[0].out_features < 128
+
+
+def test_grouped_convs_with_unequal_group_widths() -> None:
+    """Conv groups of 4 input and 8 output channels, then 8 and 4: the three convs share one group of 4 conv groups."""
+    from nets import _finish
+    torch.manual_seed(0)
+    model = _finish(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 3, padding=1, groups=4), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)))
+    x = torch.randn(2, 3, 16, 16)
+    masks = md.ChannelMasks(model, x, ignored_layers=[model[-1]])
+    assert [(g.name, g.size, g.unit_channels) for g in masks.groups] == [("0", 4, 4)]
+    _decayed(masks, macs=0.5)
+    with torch.no_grad():
+        masked = model(x)
+    md.export(model, masks)
+    assert model[3].groups == model[6].groups == model[3].in_channels // 4 == model[6].in_channels // 8 < 4
+    with torch.no_grad():
+        assert float((model(x) - masked).abs().max()) <= 1e-4 * float(masked.abs().max())
