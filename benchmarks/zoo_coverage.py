@@ -20,6 +20,7 @@ interrupted run resumes.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import math
@@ -124,13 +125,13 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
     import timm
-    import torch_pruning as tp
     import torchvision
     from maskdecay.profiling import cpu_name
     models = zoo()
     chosen = args.models or list(models)
     record: dict[str, Any] = {"torch": torch.__version__, "torchvision": torchvision.__version__,
-                              "timm": timm.__version__, "torch_pruning": tp.__version__, "cpu": cpu_name(),
+                              "timm": timm.__version__, "torch_pruning": importlib.metadata.version("torch-pruning"),
+                              "cpu": cpu_name(),
                               "threads": 1, "size": args.size, "seg_size": args.seg_size, "models": {}}
     if os.path.exists(args.json):
         with open(args.json) as f:
@@ -189,14 +190,15 @@ def _reasons(whole: dict[str, str]) -> str:
 def markdown(record: dict[str, Any]) -> str:
     """The coverage table of a JSON record, as markdown."""
     lines = ["| model | params (M) | groups | conv/linear left whole (why) | student MACs | max \\|student - masked\\| "
-             "| TP groups | TP MACs | TP result |", "|---|---:|---:|---|---:|---:|---:|---:|---|"]
+             "(relative) | TP groups | TP MACs | TP result |", "|---|---:|---:|---|---:|---:|---:|---:|---|"]
     for label, row in record["models"].items():
         if "skipped" in row:
             lines.append(f"| {label} | {row['params_m']:.1f} | | skipped | | | | | |")
             continue
         m, t = row["maskdecay"], row.get("tp", {})
-        ours = (f"{m['groups']} | {m['whole']} of {m['layers']} ({_reasons(m['whole_layers'])}) | "
-                f"{m['macs_ratio']:.3f} | {m['max_abs_diff']:.1e}" if "error" not in m
+        why = f" ({_reasons(m['whole_layers'])})" if m["whole"] else ""
+        ours = (f"{m['groups']} | {m['whole']} of {m['layers']}{why} | "
+                f"{m['macs_ratio']:.3f} | {m['max_abs_diff']:.1e} ({m['rel_diff']:.0e})" if "error" not in m
                 else f"error | {m['error'][:80]} | | ")
         theirs = (f"{t['groups']} | {t['macs_ratio']:.3f} | {t['result']}" if "groups" in t
                   else f" | | error: {t.get('error', '').split(':')[0]}")
