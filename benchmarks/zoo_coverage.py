@@ -14,7 +14,8 @@ one thread, the classifier (the layers with one output per class) ignored:
 * Torch-Pruning: ``MagnitudePruner`` (L1, uniform ratio ``1 - sqrt(0.5)``, which gives about half the MACs), one
   step; recorded: its groups, the pruned model's MACs, and whether it still runs and gives the output shape.
 
-Models run in the order of :func:`zoo`; those above ``--max-params`` million parameters are skipped. The JSON is rewritten after every model and models already in it are skipped, so an
+Models run in the order of :func:`zoo`; those above ``--max-params`` million parameters are skipped, and each library
+gets ``--timeout`` seconds per model. The JSON is rewritten after every model and models already in it are skipped, so an
 interrupted run resumes.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 import traceback
 import warnings
@@ -72,6 +74,10 @@ def _classifier(model: nn.Module, n_out: int) -> list[nn.Module]:
             and (m.out_features if isinstance(m, nn.Linear) else m.out_channels) == n_out]
 
 
+def _timed_out(signum: int, frame: Any) -> None:
+    raise TimeoutError("no result within --timeout")
+
+
 def run_maskdecay(model: nn.Module, x: torch.Tensor, ignored: list[nn.Module]) -> dict[str, Any]:
     masks = md.ChannelMasks(model, x, ignored_layers=ignored)
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
@@ -115,6 +121,7 @@ def main() -> None:
     ap.add_argument("--max-params", type=float, default=200.0, help="skip models above this many million params")
     ap.add_argument("--json", default="runs/zoo_coverage.json")
     ap.add_argument("--no-tp", action="store_true")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds each library may take per model")
     ap.add_argument("--markdown", action="store_true", help="print the table of --json as markdown and exit")
     args = ap.parse_args()
     if args.markdown:
@@ -123,6 +130,7 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    signal.signal(signal.SIGALRM, _timed_out)
     logging.basicConfig(level=logging.WARNING)
     import timm
     import torchvision
@@ -152,10 +160,13 @@ def main() -> None:
                     torch.manual_seed(0)
                     model = factory().eval()
                 t0 = time.perf_counter()
+                signal.alarm(args.timeout)
                 try:
                     row[key] = fn(model, x, _classifier(model, 21 if seg else 1000))
                 except Exception as e:  # noqa: BLE001 -- recorded per model
                     row[key] = {"error": f"{type(e).__name__}: {e}"[:300], "trace": traceback.format_exc()[-1500:]}
+                finally:
+                    signal.alarm(0)
                 row[key]["seconds"] = round(time.perf_counter() - t0, 1)
         record["models"][label] = row
         print(_line(label, row), flush=True)
