@@ -135,7 +135,6 @@ def inexact_groups(masks: ChannelMasks, dead: list[torch.Tensor], values: list[t
         with torch.no_grad():
             for p, v in zip(masks.values, saved):
                 p.copy_(v)
-        if attached:
-            masks.attach()
+        (masks.attach if attached else masks.remove)()
         for m, mode in modes.items():
             m.training = mode
