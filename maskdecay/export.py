@@ -9,9 +9,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from .graph import NORM_TYPES
 from .masks import ChannelMasks
 from .planning import Plan
+from .shrink import fold_masks, inexact_groups, prune_module, removals
 
 log = logging.getLogger(__name__)
 
@@ -35,41 +35,8 @@ def _dead_units(masks: ChannelMasks, plan: Plan | None, force: bool) -> list[tor
     return dead
 
 
-def _fold_kept_masks(masks: ChannelMasks, dead: list[torch.Tensor]) -> None:
-    """Multiply mask values != 1 into the weights of the layers they follow, so removal changes nothing."""
-    with torch.no_grad():
-        for g, v, d in zip(masks.groups, masks.values, dead):
-            for mp in g.mask_points:
-                scale = v.detach()[mp.units.to(v.device)]
-                live = ~d.to(v.device)[mp.units.to(v.device)]
-                if bool((scale[live] == 1).all()):
-                    continue
-                mod = mp.module
-                if isinstance(mod, NORM_TYPES) and getattr(mod, "weight", None) is None:
-                    raise ValueError(f"cannot fold mask values into {mp.name!r}: the norm layer has no affine scale")
-                transposed = getattr(mod, "transposed", False)
-                dim = 1 if transposed else 0
-                idx = mp.idxs.to(mod.weight.device)
-                shape = [1] * mod.weight.dim()
-                shape[dim] = -1
-                w = mod.weight.index_select(dim, idx) * scale.to(mod.weight).view(shape)
-                mod.weight.index_copy_(dim, idx, w)
-                if getattr(mod, "bias", None) is not None:
-                    mod.bias.index_copy_(0, idx, mod.bias[idx] * scale.to(mod.bias))
-
-
-def _prune_module(module: nn.Module, ops: list[tuple[Callable, list[int]]]) -> None:
-    groups_per = None
-    if isinstance(module, nn.GroupNorm):
-        groups_per = module.num_channels // module.num_groups
-    for handler, idxs in ops:
-        handler(module, idxs)
-    if groups_per is not None:
-        module.num_groups = module.num_channels // groups_per
-
-
 def _remap_optimizer(optimizer: torch.optim.Optimizer, before: nn.Module, module: nn.Module,
-                     old: dict[str, nn.Parameter], ops: list[tuple[Callable, list[int]]]) -> None:
+                     old: dict[str, nn.Parameter], ops: dict[Callable, set[int]]) -> None:
     """Give the new parameters of ``module`` the optimizer slots of the old ones, sliced like the weights.
 
     Each state tensor (momentum, Adam moments...) is pruned by the very same functions as the weights, on a copy of
@@ -87,7 +54,7 @@ def _remap_optimizer(optimizer: torch.optim.Optimizer, before: nn.Module, module
                 st = states.get(name) or {}
                 val = st.get(key)
                 p.data = val.clone() if isinstance(val, torch.Tensor) and val.shape == p.shape else torch.zeros_like(p)
-        _prune_module(probe, ops)
+        prune_module(probe, ops)
         for name, p in probe.named_parameters(recurse=False):
             if states.get(name) and key in states[name]:
                 sliced[name][key] = p.data.clone()
@@ -102,7 +69,7 @@ def _remap_optimizer(optimizer: torch.optim.Optimizer, before: nn.Module, module
 
 
 def export(model: nn.Module, masks: ChannelMasks, optimizer: torch.optim.Optimizer | None = None,
-           force: bool = False) -> nn.Module:
+           force: bool = False, verify: bool = True) -> nn.Module:
     """Remove the channels the plan drops (masks at 0) from ``model`` in place and return it.
 
     The result is the teacher's own weights minus the dead channels; its outputs equal the masked teacher's (kept
@@ -115,32 +82,31 @@ def export(model: nn.Module, masks: ChannelMasks, optimizer: torch.optim.Optimiz
         optimizer: if given, its parameters are replaced by the pruned ones and its per-parameter state (momentum,
             Adam moments) is sliced the same way, so training continues where it was.
         force: cut removed masks that are not 0 yet (changes the outputs).
+        verify: before changing ``model``, check on a copy, on the example inputs (eval mode), that the student's
+            output equals the masked teacher's (with the removed masks at 0). Costs a copy of the model and a few
+            forward passes.
 
     Raises:
-        ValueError: removed masks are not 0 (and not ``force``), a group would lose every unit, or the masks were
-            already exported.
+        ValueError: removed masks are not 0 (and not ``force``), a group would lose every unit, the masks were
+            already exported, or (``verify``) the student would differ from the masked teacher; the message names
+            the groups responsible and ``model`` is left unchanged.
     """
     if getattr(masks, "exported", False):
         raise ValueError("these masks were already exported; build new ChannelMasks for another export")
-    plan = masks.plan
-    dead = _dead_units(masks, plan, force)
-    _fold_kept_masks(masks, dead)
+    dead = _dead_units(masks, masks.plan, force)
+    if verify and (bad := inexact_groups(masks, dead, masks.values)):
+        raise ValueError(
+            "the student would differ from the masked teacher on the example inputs; removing the units of "
+            f"group(s) {', '.join(repr(masks.groups[i].name) for i in bad)} changes the output. Exclude their "
+            "root layers (ignored_layers) or report the model")
+    fold_masks(masks.groups, masks.values, dead, lambda m: m.module)
     masks.remove()
-    per_module: dict[int, tuple[nn.Module, dict[Callable, set[int]]]] = {}
-    for g, d in zip(masks.groups, dead):
-        if not bool(d.any()):
-            continue
-        for m in g.members:
-            chans = m.idxs[d[m.units]].tolist()
-            if chans:
-                entry = per_module.setdefault(id(m.module), (m.module, defaultdict(set)))
-                entry[1][m.handler].update(chans)
-    for module, handlers in per_module.values():
-        ops = [(h, sorted(idxs)) for h, idxs in handlers.items()]
+    per_module = removals(masks.groups, dead)
+    for module, ops in per_module.values():
         old = dict(module.named_parameters(recurse=False))
         frozen = {name for name, p in old.items() if not p.requires_grad}
         before = copy.deepcopy(module) if optimizer is not None else None
-        _prune_module(module, ops)
+        prune_module(module, ops)
         for name, p in module.named_parameters(recurse=False):
             p.requires_grad_(name not in frozen)
         if optimizer is not None:

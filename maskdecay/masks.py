@@ -7,8 +7,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
-from .graph import Group, _is_depthwise, find_groups
+from .graph import Group, find_groups
 from .macs import MacModel, count_layer_macs
+from .shrink import inexact_groups
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,13 @@ def _multiply_output(module: nn.Module, vector: Callable[[torch.device], torch.T
 class ChannelMasks:
     """Masks on every prunable output channel of ``model``, grouped by dependency.
 
-    Groups come from Torch-Pruning's ``DependencyGraph``, extended to pixel (un)shuffle and GroupNorm couplings
-    (see :mod:`maskdecay.graph`). Each group holds one mask vector (``float32``, initially 1) with one entry per unit;
-    the mask multiplies the output of every layer that produces the group's channels (after its norm layer), so a
-    zero entry zeroes the channel everywhere it is read and removing it later changes nothing.
+    Groups come from Torch-Pruning's ``DependencyGraph``, with every edge mapped by maskdecay (cat, split/chunk, pixel
+    (un)shuffle, flatten, GroupNorm groups, whole conv groups of grouped convs; see :mod:`maskdecay.graph`). Layers
+    that cannot be pruned exactly are left whole: ``unpruned`` (``{layer name: reason}`` for every conv/linear layer
+    in no group) says which and why, and one INFO line lists them. Each group holds one mask vector (``float32``,
+    initially 1) with one entry per unit; the mask multiplies the output of every layer that produces the group's
+    channels (after its norm layer), so a zero entry zeroes the channel everywhere it is read and removing it later
+    changes nothing.
 
     Args:
         model: the teacher. Hooks are attached at once; :meth:`remove` detaches them (``export`` does it for you).
@@ -91,6 +95,9 @@ class ChannelMasks:
         round_to: plans keep a multiple of this many units per group (e.g. 8 for fast kernels).
         forward_fn: ``forward_fn(model, example_inputs)`` when the model is not called as ``model(*inputs)``.
         output_transform: maps a non-tensor output (a dict, a dataclass...) to a tensor or a list of tensors.
+        verify: check, on the example inputs in eval mode, that removing half of every group's units from a copy
+            of the model gives the masked model's output; groups that do not (a coupling the graph misses) are left
+            whole, with the reason in :attr:`unpruned`. Costs a copy of the model and a few forward passes.
 
     Raises:
         ValueError: the model has no prunable channel group, or ``round_to`` < 1.
@@ -98,31 +105,54 @@ class ChannelMasks:
 
     def __init__(self, model: nn.Module, example_inputs: Any, ignored_layers: Sequence[nn.Module] = (),
                  round_to: int = 1, forward_fn: Callable | None = None,
-                 output_transform: Callable | None = None) -> None:
+                 output_transform: Callable | None = None, verify: bool = True) -> None:
         if round_to < 1:
             raise ValueError(f"round_to must be >= 1, got {round_to}")
         self.model = model
         self.round_to = int(round_to)
         self.forward_fn = forward_fn
+        self.output_transform, self.example_inputs = output_transform, example_inputs
         names = {m: n for n, m in model.named_modules()}
         self.ignored_names = [names[m] for m in ignored_layers if m in names]
         self.input_spec = _input_spec(example_inputs)
-        self.groups: list[Group] = find_groups(model, example_inputs, ignored_layers, forward_fn, output_transform)
-        if not self.groups:
+        groups, self.unpruned = find_groups(model, example_inputs, ignored_layers, forward_fn, output_transform)
+        self._setup(groups)
+        if verify:
+            gen = torch.Generator().manual_seed(0)
+            dead = [torch.randperm(g.size, generator=gen) < g.size // 2 for g in self.groups]
+            bad = set(inexact_groups(self, dead, self.values) or ())
+            self.unpruned.update({m.name: "removing channels of its group changes the output (exactness check)"
+                                  for i in bad for m in self.groups[i].members
+                                  if m.role == "out" and isinstance(m.module, (nn.modules.conv._ConvNd, nn.Linear))})
+            if bad:
+                self.remove()
+                self._setup([g for i, g in enumerate(groups) if i not in bad])
+        if self.unpruned:
+            log.info("%s: %d conv/linear layers left whole: %s", type(model).__name__, len(self.unpruned), "; ".join(
+                f"{why}: {', '.join(n for n, w in self.unpruned.items() if w == why)}"
+                for why in dict.fromkeys(self.unpruned.values())))
+
+    def _setup(self, groups: list[Group]) -> None:
+        """Index the groups, count their MACs, create their mask vectors and attach the hooks."""
+        if not groups:
             raise ValueError(
-                f"{type(model).__name__} has no prunable channel group: every conv/linear layer is ignored, feeds the "
-                "model output directly, or is coupled to a layer maskdecay cannot shrink exactly")
+                f"{type(self.model).__name__} has no prunable channel group: every conv/linear layer is ignored, "
+                "feeds the model output directly, or is coupled to a layer maskdecay cannot shrink exactly "
+                "(see the INFO log of maskdecay.masks)")
+        self.groups: list[Group] = groups
+        for i, g in enumerate(groups):
+            g.index = i
         self._by_name = {g.name: g for g in self.groups}
         self.offsets = [0]
         for g in self.groups:
             self.offsets.append(self.offsets[-1] + g.size)
-        self.mac_model = self._build_mac_model(example_inputs)
+        self.mac_model = self._build_mac_model(self.example_inputs)
         self.teacher_macs = self.mac_model.total
         full = torch.ones(self.n_units, dtype=torch.bool)
         counter = self.mac_model.counter(full)
         for g in self.groups:
             g.macs_per_unit = sum(counter.saving(self.offsets[g.index] + u) for u in range(g.size)) / g.size
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         self.values = [nn.Parameter(torch.ones(g.size, device=device)) for g in self.groups]
         self.plan = None  # set by MaskDecay / apply_plan
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -156,7 +186,7 @@ class ChannelMasks:
             n_in = m.in_channels if isinstance(m, nn.modules.conv._ConvNd) else m.in_features
             out_units[name] = torch.full((n_out,), -1, dtype=torch.long)
             in_units[name] = torch.full((n_in,), -1, dtype=torch.long)
-            if _is_depthwise(m):
+            if isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1:  # MACs scale with kept outputs only
                 depthwise.add(name)
         for g in self.groups:
             off = self.offsets[g.index]
@@ -164,8 +194,6 @@ class ChannelMasks:
                 table = out_units if mem.role == "out" else in_units
                 if mem.name in table:
                     table[mem.name][mem.idxs] = mem.units + off
-                if mem.name in depthwise:  # depthwise: input channels are the output channels
-                    in_units[mem.name][mem.idxs] = mem.units + off
         return MacModel(layer_macs, out_units, in_units, depthwise, self.n_units)
 
     def macs(self, keep: dict[str, torch.Tensor] | None = None) -> float:
