@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 
-def _finish(model: nn.Module) -> nn.Module:
+def finish(model: nn.Module) -> nn.Module:
     """Give BN layers non-trivial statistics/affine params and switch to eval.
 
     Fresh BatchNorm has weight 1, bias 0, mean 0, var 1, which makes every
@@ -109,7 +109,7 @@ def resnet_cifar(depth: int = 20, width: int = 16, num_classes: int = 10) -> nn.
     with a stride-2 block whose shortcut is a 1x1 conv + BN. The classifier is
     ``model.fc``. Input ``N x 3 x 32 x 32``, output ``N x num_classes``.
     """
-    return _finish(ResNetCifar(depth, width, num_classes))
+    return finish(ResNetCifar(depth, width, num_classes))
 
 
 # --------------------------------------------------------------------- MobileNetV2
@@ -174,7 +174,7 @@ def mobilenetv2_tiny(num_classes: int = 10) -> nn.Module:
     unchanged), a final 1x1 conv to 256, global average pool and ``model.fc``.
     Input ``N x 3 x 32 x 32``, output ``N x num_classes``.
     """
-    return _finish(MobileNetV2Tiny(num_classes))
+    return finish(MobileNetV2Tiny(num_classes))
 
 
 # --------------------------------------------------------------------------- U-Net
@@ -233,7 +233,7 @@ def unet_pixelshuffle(in_ch: int = 3, out_ch: int = 3, base: int = 16) -> nn.Mod
     conv. LeakyReLU(0.1) everywhere except the final 3x3 conv to ``out_ch``.
     Input ``N x in_ch x H x W`` (H, W divisible by 4), output ``N x out_ch x H x W``.
     """
-    return _finish(UNetPixelShuffle(in_ch, out_ch, base))
+    return finish(UNetPixelShuffle(in_ch, out_ch, base))
 
 
 # ----------------------------------------------------------------------- GroupNorm
@@ -274,7 +274,7 @@ def groupnorm_net(num_classes: int = 10, width: int = 32, groups: int = 8) -> nn
     must keep every group's size consistent (or prune whole groups).
     Input ``N x 3 x 32 x 32``, output ``N x num_classes``.
     """
-    return _finish(GroupNormNet(num_classes, width, groups))
+    return finish(GroupNormNet(num_classes, width, groups))
 
 
 # ----------------------------------------------------------------- EVC DepthConv
@@ -340,7 +340,7 @@ def depthconv_block_net(ch: int = 32) -> nn.Module:
     All residual adds tie the stem's output channels and every block's output
     channels into one group. Input ``N x 3 x 32 x 32``, output ``N x 3 x 16 x 16``.
     """
-    return _finish(DepthConvNet(ch))
+    return finish(DepthConvNet(ch))
 
 
 # ------------------------------------------------------------------------ registry

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import maskdecay as md
-from zoo_nets import ZOO, classifier
+from tests.zoo_nets import ZOO, classifier
 
 # Layers left whole per net (the classifier is ignored in every test), with a fragment of the reason.
 EXPECTED_WHOLE: dict[str, dict[str, str]] = {
@@ -135,9 +135,9 @@ def test_attention_left_whole_student_runs() -> None:
 
 def test_grouped_convs_with_unequal_group_widths() -> None:
     """Conv groups of 4 input and 8 output channels, then 8 and 4: the three convs share one group of 4 conv groups."""
-    from nets import _finish
+    from tests.nets import finish
     torch.manual_seed(0)
-    model = _finish(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+    model = finish(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
                                   nn.Conv2d(16, 32, 3, padding=1, groups=4), nn.BatchNorm2d(32), nn.ReLU(),
                                   nn.Conv2d(32, 16, 3, padding=1, groups=4), nn.BatchNorm2d(16), nn.ReLU(),
                                   nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)))

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nets import _finish
+from tests.nets import finish
 
 
 def _conv_bn(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -284,16 +284,16 @@ def _randomise_ln(model: nn.Module) -> nn.Module:
             with torch.no_grad():
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
-    return _finish(model)
+    return finish(model)
 
 
 ZOO: dict[str, Callable[[], nn.Module]] = {
-    "densenet": lambda: _finish(DenseNet()),
-    "csp": lambda: _finish(CSPNet()),
-    "res2net": lambda: _finish(Res2Net()),
-    "shufflenet": lambda: _finish(ShuffleNet()),
-    "resnext": lambda: _finish(BottleneckNet(groups=8)),
-    "senet": lambda: _finish(BottleneckNet(se=True)),
+    "densenet": lambda: finish(DenseNet()),
+    "csp": lambda: finish(CSPNet()),
+    "res2net": lambda: finish(Res2Net()),
+    "shufflenet": lambda: finish(ShuffleNet()),
+    "resnext": lambda: finish(BottleneckNet(groups=8)),
+    "senet": lambda: finish(BottleneckNet(se=True)),
     "attention": lambda: _randomise_ln(ViT()),
     "convnext": lambda: _randomise_ln(ConvNeXt()),
 }
