@@ -2,6 +2,7 @@
 counts / batch sizes / processes, stream errors, atomic writes, a 2,000-case fuzz of the CLI decoder."""
 from __future__ import annotations
 
+import math
 import json
 import os
 import subprocess
@@ -287,3 +288,17 @@ def test_bench_cli(tmp_path, capsys):
     d = json.loads(j.read_text())
     for k in ("encode_s", "decode_s", "enc_entropy_s", "dec_entropy_s", "enc_entropy_ns_per_symbol", "decode_fps"):
         assert d[k] > 0
+
+
+def test_bd_table_values_keep_bd_psnr_when_only_the_quality_ranges_do_not_overlap() -> None:
+    from maskdecay_examples.evc.training.metrics import bd_or_nan
+
+    def curve(name: str, bpp: list[float], psnr: list[float]) -> dict:
+        return {"name": name, "results": {"bpp": bpp, "psnr-rgb": psnr}}
+
+    teacher = curve("teacher", [0.102, 0.129, 0.178, 0.274], [18.09, 18.57, 18.79, 18.87])
+    student = curve("ss", [0.117, 0.164, 0.238, 0.345], [16.72, 17.04, 17.11, 17.13])
+    rate, dq = bd_or_nan(teacher, student)
+    assert math.isnan(rate) and -3.0 < dq < -1.0  # rates overlap: BD-PSNR exists; qualities do not: no BD-rate
+    far = curve("far", [1.0, 1.2, 1.4, 1.6], [30.0, 31.0, 32.0, 33.0])
+    assert all(math.isnan(v) for v in bd_or_nan(teacher, far))

@@ -117,14 +117,27 @@ def bd_rate(anchor: dict[str, Any], test: dict[str, Any], method: str = "akima",
 
 def bd_or_nan(anchor: dict[str, Any], test: dict[str, Any], method: str = "pchip",
               metric: str = "psnr") -> tuple[float, float]:
-    """:func:`bd_rate` for tables: (nan, nan) where the BD values do not exist (too few points, curves that
-    cannot be compared), and bjontegaard's warnings silenced (NaN BD-rate = the quality ranges do not overlap)."""
+    """(BD-rate in %, BD-PSNR in dB) for tables, each computed where it exists and NaN where it does not: BD-rate
+    needs the quality ranges to overlap, BD-PSNR the rate ranges; both need 4 points per curve. bjontegaard's
+    warnings are silenced."""
+    import bjontegaard as bd  # here: it imports scipy, about 1 s of start-up
+
+    ra, da = _curve(anchor, metric)
+    rt, dt = _curve(test, metric)
+    if len(ra) < 4 or len(rt) < 4:
+        return float("nan"), float("nan")
+    out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:
-            return bd_rate(anchor, test, method=method, metric=metric)
-        except ValueError:
-            return float("nan"), float("nan")
+        for a, t, fn in ((da, dt, bd.bd_rate), (ra, rt, bd.bd_psnr)):
+            value = float("nan")
+            if max(min(a), min(t)) < min(max(a), max(t)):
+                try:
+                    value = float(fn(ra, da, rt, dt, method=method, require_matching_points=False))
+                except Exception:  # noqa: BLE001 - bjontegaard raises various errors on degenerate curves
+                    pass
+            out.append(value if math.isfinite(value) else float("nan"))
+    return out[0], out[1]
 
 
 def plot_rd(results: Sequence[dict[str, Any]], out: str, metric: str = "psnr", title: str | None = None) -> None:
