@@ -101,7 +101,7 @@ def mask_decay(method: str, budget: float, teacher: nn.Module, cfg: Config, stre
     return Outcome(method, budget, student, info, decay.history, plan)
 
 
-def _prune_to_macs(pruner: tp.pruner.BasePruner, model: nn.Module, target: float, x: torch.Tensor) -> int:
+def prune_to_macs(pruner: tp.pruner.BasePruner, model: nn.Module, target: float, x: torch.Tensor) -> int:
     """Call ``pruner.step()`` until our MAC count is at most ``target`` (TP has no MAC target of its own)."""
     steps = 0
     while md.count_macs(model, x) > target:
@@ -113,14 +113,17 @@ def _prune_to_macs(pruner: tp.pruner.BasePruner, model: nn.Module, target: float
     return steps
 
 
-def _tp_pruner(method: str, model: nn.Module, cfg: Config) -> tp.pruner.BasePruner:
-    common = dict(global_pruning=True, pruning_ratio=1.0, max_pruning_ratio=0.9,
-                  iterative_steps=cfg.prune.tp_iterative_steps, ignored_layers=[model.fc])
+def tp_pruner(method: str, model: nn.Module, iterative_steps: int, reg: float | None,
+              device: str | torch.device = "cpu") -> tp.pruner.BasePruner:
+    """Torch-Pruning's pruner of a baseline: ``tp_l1`` (MagnitudePruner, group L1) or ``tp_groupnorm``
+    (GroupNormPruner with ``reg``), global ranking, classifier ignored."""
+    common = dict(global_pruning=True, pruning_ratio=1.0, max_pruning_ratio=0.9, iterative_steps=iterative_steps,
+                  ignored_layers=[model.fc])
+    x = example_input(device)
     if method == "tp_l1":
-        return tp.pruner.MagnitudePruner(model, example_input(cfg.device), importance=tp.importance.GroupMagnitudeImportance(p=1),
-                                         **common)
-    return tp.pruner.GroupNormPruner(model, example_input(cfg.device), importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                     reg=cfg.prune.tp_groupnorm_reg, **common)
+        return tp.pruner.MagnitudePruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=1), **common)
+    return tp.pruner.GroupNormPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2), reg=reg,
+                                     **common)
 
 
 def torch_pruning(method: str, budget: float, teacher: nn.Module, cfg: Config, stream: BatchStream,
@@ -130,7 +133,7 @@ def torch_pruning(method: str, budget: float, teacher: nn.Module, cfg: Config, s
     model = copy.deepcopy(teacher).to(memory_format=TRAIN_FORMAT)
     x = example_input(cfg.device)
     target = budget * md.count_macs(teacher, x)
-    pruner = _tp_pruner(method, model, cfg)
+    pruner = tp_pruner(method, model, p.tp_iterative_steps, p.tp_groupnorm_reg, cfg.device)
     tune_steps = p.decay_steps + p.finetune_steps
     lr_at = lambda i: _constant(i) if i < p.decay_steps else warmup_cosine(p.finetune_steps)(i - p.decay_steps)  # noqa: E731
     if method == "tp_groupnorm":
@@ -139,7 +142,7 @@ def torch_pruning(method: str, budget: float, teacher: nn.Module, cfg: Config, s
                   before_step=lambda: pruner.regularize(model))
         tune_steps = p.finetune_steps
         lr_at = warmup_cosine(p.finetune_steps)
-    n = _prune_to_macs(pruner, model, target, x)
+    n = prune_to_macs(pruner, model, target, x)
     model = model.to(memory_format=TRAIN_FORMAT)
     acc_pruned = evaluate(model, test)
     opt = sgd(model, p.lr, p.momentum, p.weight_decay)  # TP replaced the parameters: a new optimizer
@@ -171,9 +174,10 @@ def save_student(out: Outcome, path: Path, arch: str) -> None:
                         "state_dict": out.student.state_dict()}, path)
 
 
-def load_student(path: Path, arch: str) -> nn.Module:
-    """Rebuild a student written by :func:`save_student` (``maskdecay.load_pruned`` for mask-decay students)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # students are rebuilt on the CPU
+def rebuild_student(path: Path, arch: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a saved student on the CPU: ``maskdecay.load_pruned`` for mask decay, Torch-Pruning's history replayed
+    on a fresh model for its pruners. Returns ``(model, checkpoint)``."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt.get("format") == TP_FORMAT:
         model = build(ckpt["arch"])
         dg = tp.DependencyGraph().build_dependency(model, example_input())
@@ -181,4 +185,9 @@ def load_student(path: Path, arch: str) -> nn.Module:
         model.load_state_dict(ckpt["state_dict"], strict=True)
     else:
         model = md.load_pruned(path, lambda: build(arch), example_input())
-    return model.to(memory_format=torch.channels_last).eval()
+    return model, ckpt
+
+
+def load_student(path: Path, arch: str) -> nn.Module:
+    """Rebuild a student written by :func:`save_student`, channels_last, in eval mode."""
+    return rebuild_student(path, arch)[0].to(memory_format=torch.channels_last).eval()

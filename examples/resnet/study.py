@@ -38,7 +38,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
 from tqdm import tqdm
 
 import maskdecay as md
@@ -46,7 +45,7 @@ import maskdecay as md
 from ..hostinfo import cpu_label
 from .config import MASK_METHODS, ConfigError
 from .data import DATA_NOTE, Split, load_any, resolve
-from .methods import TP_FORMAT, example_input
+from .methods import TP_FORMAT, example_input, prune_to_macs, rebuild_student, tp_pruner
 from .models import build
 from .stream import StepStream, carve
 from .training import evaluate, sgd, sgd_step, warmup_cosine
@@ -358,22 +357,6 @@ class Study:
         decay = md.MaskDecay(masks, plan, steps=self.decay_steps, schedule="cosine", regularizer=regularizer(run))
         return model, masks, plan, decay
 
-    def _tp_pruner(self, run: Run, model: nn.Module) -> tp.pruner.BasePruner:
-        common = dict(global_pruning=True, pruning_ratio=1.0, max_pruning_ratio=0.9,
-                      iterative_steps=self.p.tp_iterative_steps, ignored_layers=[model.fc])
-        x = example_input(self.cfg.device)
-        if run.method == "tp_l1":
-            return tp.pruner.MagnitudePruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=1), **common)
-        return tp.pruner.GroupNormPruner(model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                         reg=run.strength, **common)
-
-    def _prune_to_budget(self, pruner: tp.pruner.BasePruner, model: nn.Module, budget: float) -> None:
-        target, x = budget * self.teacher_macs, example_input(self.cfg.device)
-        while md.count_macs(model, x) > target:
-            if pruner.current_step >= pruner.iterative_steps:
-                raise ValueError(f"Torch-Pruning could not reach {budget:g} of the MACs; raise tp_iterative_steps")
-            pruner.step()
-
     def _opt(self, model: nn.Module) -> torch.optim.SGD:
         return sgd(model, self.p.lr, self.p.momentum, self.p.weight_decay)
 
@@ -425,7 +408,7 @@ class Study:
             opt_state = opt.state_dict()
         else:
             model = copy.deepcopy(self.teacher).to(self.cfg.device, memory_format=self.fmt)
-            pruner = self._tp_pruner(run, model)
+            pruner = tp_pruner(run.method, model, self.p.tp_iterative_steps, run.strength, self.cfg.device)
             if run.method == "tp_groupnorm":
                 opt = self._opt(model)
                 start = 0
@@ -440,7 +423,7 @@ class Study:
 
                 train_steps(model, opt, stream, start, self.decay_steps, lambda i: 1.0, self.p.lr, save,
                             f"{run.name} sparse", before_step=lambda: pruner.regularize(model), amp=self.cfg.amp)
-            self._prune_to_budget(pruner, model, run.budget)
+            prune_to_macs(pruner, model, run.budget * self.teacher_macs, example_input(self.cfg.device))
             history = [[n, bool(o), [int(i) for i in idx]] for n, o, idx in pruner.pruning_history()]
             payload = {"format": TP_FORMAT, "arch": self.cfg.arch, "tp_history": history,
                        "state_dict": model.state_dict()}
@@ -580,17 +563,8 @@ class Study:
 
 
 def load_cut(path: Path, arch: str) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a student saved in a run's ``cut.pt`` or ``student.pt`` (on the CPU); returns ``(model, checkpoint)``:
-    ``maskdecay.load_pruned`` for mask decay, Torch-Pruning's history replayed on a fresh model for its pruners."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if ckpt["format"] == TP_FORMAT:
-        model = build(arch)
-        dg = tp.DependencyGraph().build_dependency(model, example_input())
-        dg.load_pruning_history([(n, o, list(i)) for n, o, i in ckpt["tp_history"]])
-        model.load_state_dict(ckpt["state_dict"], strict=True)
-    else:
-        model = md.load_pruned(path, lambda: build(arch), example_input())
-    return model, ckpt
+    """Rebuild a student saved in a run's ``cut.pt`` or ``student.pt`` (on the CPU); returns ``(model, checkpoint)``."""
+    return rebuild_student(path, arch)
 
 
 def load_student(run_dir: Path, arch: str) -> nn.Module:
