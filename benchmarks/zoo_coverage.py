@@ -1,7 +1,7 @@
 """Coverage of maskdecay and of Torch-Pruning on the torchvision and timm model zoos (docs/zoo_coverage.md).
 
     python benchmarks/zoo_coverage.py [--models NAME ...] [--size 224] [--seg-size 256] [--json out.json]
-                                      [--max-params 200] [--no-tp]
+                                      [--max-params 200] [--max-memory 14] [--no-tp]
 
 Needs torchvision and timm next to maskdecay (a separate environment: see docs/zoo_coverage.md). For every
 torchvision classification and segmentation model and the common timm CNN families, randomly initialised (seed 0),
@@ -15,7 +15,8 @@ one thread, the classifier (the layers with one output per class) ignored:
   step; recorded: its groups, the pruned model's MACs, and whether it still runs and gives the output shape.
 
 Models run in the order of :func:`zoo`; those above ``--max-params`` million parameters are skipped, and each library
-gets ``--timeout`` seconds per model. The JSON is rewritten after every model and models already in it are skipped, so an
+gets ``--timeout`` seconds per model; the process's address space is capped at ``--max-memory`` GB, so a library that
+runs out of memory on a model is recorded as such instead of ending the run. The JSON is rewritten after every model and models already in it are skipped, so an
 interrupted run resumes.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import logging
 import math
 import os
+import resource
 import signal
 import time
 import traceback
@@ -122,6 +124,7 @@ def main() -> None:
     ap.add_argument("--json", default="runs/zoo_coverage.json")
     ap.add_argument("--no-tp", action="store_true")
     ap.add_argument("--timeout", type=int, default=600, help="seconds each library may take per model")
+    ap.add_argument("--max-memory", type=float, default=14.0, help="GB of address space the run may use")
     ap.add_argument("--markdown", action="store_true", help="print the table of --json as markdown and exit")
     args = ap.parse_args()
     if args.markdown:
@@ -134,13 +137,15 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     import timm
     import torchvision
-    from maskdecay.profiling import cpu_name
+    from maskdecay_examples.hostinfo import cpu_label
+    limit = int(args.max_memory * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     models = zoo()
     chosen = args.models or list(models)
     record: dict[str, Any] = {"torch": torch.__version__, "torchvision": torchvision.__version__,
                               "timm": timm.__version__, "torch_pruning": importlib.metadata.version("torch-pruning"),
-                              "cpu": cpu_name(),
-                              "threads": 1, "size": args.size, "seg_size": args.seg_size, "models": {}}
+                              "cpu": cpu_label(),
+                              "threads": 1, "max_memory_gb": args.max_memory, "size": args.size, "seg_size": args.seg_size, "models": {}}
     if os.path.exists(args.json):
         with open(args.json) as f:
             record["models"] = json.load(f)["models"]

@@ -24,12 +24,9 @@ Public names:
 * :func:`save_pruned`, :func:`load_pruned`, :func:`atomic_save` -- checkpoints without pickled modules.
 * :func:`profile`, :class:`Report`, :func:`count_macs` -- MACs, params, latency.
 * :mod:`maskdecay.plots` -- ``mask_trajectories`` and ``compare``.
-* :func:`load_config`, :func:`config_from_dict`, :func:`apply_overrides`, :class:`ConfigError` -- typed YAML
-  configs (nested dataclasses) with one clear error per unknown or wrong key.
 """
 from . import plots, schedules
 from .checkpoint import atomic_save, load_pruned, save_pruned
-from .config import ConfigError, apply_overrides, config_from_dict, load_config
 from .decay import MaskDecay
 from .export import export
 from .graph import Group, Member
@@ -47,6 +44,5 @@ __all__ = [
     "ChannelMasks", "Group", "Member", "Plan", "plan", "group_importance", "Importance", "L1Importance", "L2Importance",
     "BNImportance", "TaylorImportance", "IMPORTANCES", "get_importance", "MaskDecay", "Regularizer", "SparsityLoss",
     "L1", "L2", "BNScaleL1", "GroupLasso", "Hard", "export", "save_pruned", "load_pruned", "atomic_save", "profile",
-    "Report", "count_macs", "plots", "schedules", "ConfigError",
-    "load_config", "config_from_dict", "apply_overrides",
+    "Report", "count_macs", "plots", "schedules",
 ]

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-import maskdecay as md
+from maskdecay_examples import yaml_config
 
 
 @dataclass
@@ -29,12 +29,12 @@ class Cfg:
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
-    assert md.load_config(Cfg) == Cfg()
+    assert yaml_config.load_config(Cfg) == Cfg()
     path = tmp_path / "c.yaml"
     path.write_text("name: x\ntrain:\n  steps: 5\n  lr: 1\n  budgets: [0.25, 0.75]\n  strengths: {l1: 0.01}\n")
-    cfg = md.load_config(Cfg, path, ["train.amp=true", "train.checkpoint=t.pt", "train.lr=2e-3"])
+    cfg = yaml_config.load_config(Cfg, path, ["train.amp=true", "train.checkpoint=t.pt", "train.lr=2e-3"])
     assert cfg == Cfg("x", Train(5, 0.002, True, [0.25, 0.75], {"l1": 0.01}, "t.pt"))
-    assert isinstance(md.load_config(Cfg, path).train.lr, float)
+    assert isinstance(yaml_config.load_config(Cfg, path).train.lr, float)
 
 
 @pytest.mark.parametrize("text, overrides, message", [
@@ -56,11 +56,11 @@ def test_defaults_yaml_and_overrides(tmp_path):
 def test_bad_configs_name_the_key(tmp_path, text, overrides, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(md.ConfigError) as e:
-        md.load_config(Cfg, path, overrides)
+    with pytest.raises(yaml_config.ConfigError) as e:
+        yaml_config.load_config(Cfg, path, overrides)
     assert message in str(e.value) and str(path) in str(e.value)
 
 
 def test_missing_file():
     with pytest.raises(ValueError, match="cannot read config"):
-        md.load_config(Cfg, "/nonexistent/c.yaml")
+        yaml_config.load_config(Cfg, "/nonexistent/c.yaml")

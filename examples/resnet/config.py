@@ -26,6 +26,7 @@ from typing import Any
 
 import maskdecay as md
 
+from .. import yaml_config
 from .models import build
 
 MASK_METHODS: dict[str, str] = {
@@ -36,7 +37,7 @@ TP_METHODS: tuple[str, ...] = ("tp_l1", "tp_groupnorm")
 METHODS: tuple[str, ...] = (*MASK_METHODS, *TP_METHODS)
 
 
-ConfigError = md.ConfigError
+ConfigError = yaml_config.ConfigError
 """A config that does not validate (maskdecay's typed-config error)."""
 
 
@@ -160,14 +161,14 @@ def _validate(cfg: Config) -> None:
 
 def from_dict(raw: dict[str, Any] | None, overrides: list[str] = ()) -> Config:
     """Validate a raw mapping (plus ``--set KEY=VALUE`` overrides) into a :class:`Config`."""
-    cfg = md.config_from_dict(Config, md.apply_overrides(dict(raw or {}), overrides))
+    cfg = yaml_config.config_from_dict(Config, yaml_config.apply_overrides(dict(raw or {}), overrides))
     _validate(cfg)
     return cfg
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Config:
     """Read and validate a YAML config file; errors are prefixed with the file name."""
-    cfg = md.load_config(Config, path, overrides)
+    cfg = yaml_config.load_config(Config, path, overrides)
     try:
         _validate(cfg)
     except ConfigError as e:

@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 import maskdecay as md
 
+from .. import yaml_config
 from ..hostinfo import cpu_label
 from .config import MASK_METHODS, ConfigError
 from .data import DATA_NOTE, Split, load_any, resolve
@@ -167,7 +168,7 @@ class StudyConfig:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     """Read and validate a study config (YAML)."""
-    return md.load_config(StudyConfig, path, overrides)
+    return yaml_config.load_config(StudyConfig, path, overrides)
 
 
 # ----------------------------------------------------------------------------------------------------------- data

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import maskdecay as md
+from maskdecay_examples import yaml_config
 from maskdecay_examples.resnet import config, pipeline, study, study_report
 from maskdecay_examples.resnet.data import Split
 from maskdecay_examples.resnet.stream import StepStream, carve
@@ -55,7 +56,7 @@ def _cfg(root: Path, out: Path, **prune) -> study.StudyConfig:
                      "batch_size": 16, "sweep": {"sparsity": [0.01, 0.1], "sparsity_loss_only": [0.1, 1.0],
                                                  "tp_groupnorm": [0.001, 0.01]},
                      "sweep_extend": 1, "seed_top": 1, "extra_seeds": [1], "tp_iterative_steps": 50, **prune}}
-    return md.config_from_dict(study.StudyConfig, raw)
+    return yaml_config.config_from_dict(study.StudyConfig, raw)
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +68,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_config_errors() -> None:
-    with pytest.raises(md.ConfigError, match="unknown method 'foo'"):
-        md.config_from_dict(study.StudyConfig, {"prune": {"methods": ["foo"]}})
-    with pytest.raises(md.ConfigError, match="give a grid for sparsity"):
-        md.config_from_dict(study.StudyConfig, {"prune": {"methods": ["sparsity"], "sweep": {}}})
-    with pytest.raises(md.ConfigError, match="not a method with a strength"):
-        md.config_from_dict(study.StudyConfig, {"prune": {"methods": ["hard"], "ablation_budgets": [],
+    with pytest.raises(yaml_config.ConfigError, match="unknown method 'foo'"):
+        yaml_config.config_from_dict(study.StudyConfig, {"prune": {"methods": ["foo"]}})
+    with pytest.raises(yaml_config.ConfigError, match="give a grid for sparsity"):
+        yaml_config.config_from_dict(study.StudyConfig, {"prune": {"methods": ["sparsity"], "sweep": {}}})
+    with pytest.raises(yaml_config.ConfigError, match="not a method with a strength"):
+        yaml_config.config_from_dict(study.StudyConfig, {"prune": {"methods": ["hard"], "ablation_budgets": [],
                                                           "sweep": {"hard": [1.0]}}})
 
 
@@ -174,5 +175,5 @@ def test_gpu_recipe_smoke_on_cpu(tiny: Path, tmp_path: Path) -> None:
         assert f["val_accuracy"] is None and f["macs"] <= 0.47 * summary["teacher_macs"] * 1.03
     text = study_report.main(tmp_path / "gpu", measure=False)  # a report without a validation split
     assert "| sparsity | 0.47 | 0.01 |" in text
-    with pytest.raises(md.ConfigError, match="one strength per method"):
+    with pytest.raises(yaml_config.ConfigError, match="one strength per method"):
         study.load_config(root / "examples/resnet/configs/resnet56_gpu.yaml", ["prune.sweep.sparsity=[0.1, 1.0]"])

@@ -13,8 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import maskdecay as md
-
+from ... import yaml_config
 from ..models.architectures import ARCHS, SCALE_LAMBDAS
 
 #: students ``evc decay`` makes from an L/L teacher, and the regularizers it offers
@@ -203,9 +202,9 @@ class Config:
 
 def config_from_dict(d: Any, source: str = "config") -> Config:
     """Build and validate a :class:`Config` from a nested dict; ``ValueError`` names the first bad key."""
-    return md.config_from_dict(Config, d, source)
+    return yaml_config.config_from_dict(Config, d, source)
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (None = all defaults), apply ``SECTION.KEY=VALUE`` overrides, validate."""
-    return md.load_config(Config, path, overrides)
+    return yaml_config.load_config(Config, path, overrides)

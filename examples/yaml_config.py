@@ -19,7 +19,7 @@ type, builds the dataclasses and calls each one's ``validate()`` method if it ha
     class Config:
         train: Train = field(default_factory=Train)
 
-    cfg = md.load_config(Config, "run.yaml", ["train.lr=0.05"])
+    cfg = yaml_config.load_config(Config, "run.yaml", ["train.lr=0.05"])
 
 Every problem is a :class:`ConfigError` (a ``ValueError``) that names the file and the dotted key, e.g.
 ``run.yaml: unknown key 'train.stepz' (did you mean 'steps'?)``.
