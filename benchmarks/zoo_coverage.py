@@ -1,7 +1,7 @@
 """Coverage of maskdecay and of Torch-Pruning on the torchvision and timm model zoos (docs/zoo_coverage.md).
 
     python benchmarks/zoo_coverage.py [--models NAME ...] [--size 224] [--seg-size 256] [--json out.json]
-                                      [--max-params 200] [--max-memory 14] [--no-tp]
+                                      [--max-params 1000] [--max-memory 14] [--no-tp]
 
 Needs torchvision and timm next to maskdecay (a separate environment: see docs/zoo_coverage.md). For every
 torchvision classification and segmentation model and the common timm CNN families, randomly initialised (seed 0),
@@ -15,9 +15,10 @@ one thread, the classifier (the layers with one output per class) ignored:
   step; recorded: its groups, the pruned model's MACs, and whether it still runs and gives the output shape.
 
 Models run in the order of :func:`zoo`; those above ``--max-params`` million parameters are skipped, and each library
-gets ``--timeout`` seconds per model; the process's address space is capped at ``--max-memory`` GB, so a library that
-runs out of memory on a model is recorded as such instead of ending the run. The JSON is rewritten after every model and models already in it are skipped, so an
-interrupted run resumes.
+gets ``--timeout`` seconds per model; the process's address space is capped at ``--max-memory`` GB, so a library
+that runs out of memory on a model is recorded as such instead of ending the run. The JSON is rewritten after every
+model, and the models already in it are not run again (those skipped for their size are), so an interrupted run
+resumes.
 """
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", help="labels such as tv/resnet18 or timm/densenet121 (default: all)")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--seg-size", type=int, default=256)
-    ap.add_argument("--max-params", type=float, default=200.0, help="skip models above this many million params")
+    ap.add_argument("--max-params", type=float, default=1000.0, help="skip models above this many million params")
     ap.add_argument("--json", default="runs/zoo_coverage.json")
     ap.add_argument("--no-tp", action="store_true")
     ap.add_argument("--timeout", type=int, default=600, help="seconds each library may take per model")
@@ -150,8 +151,8 @@ def main() -> None:
         with open(args.json) as f:
             record["models"] = json.load(f)["models"]
     for label in chosen:
-        if label in record["models"]:
-            continue
+        if label in record["models"] and "skipped" not in record["models"][label]:
+            continue  # done (a skipped model is tried again: --max-params may have changed)
         factory, seg = models[label]
         torch.manual_seed(0)
         model = factory().eval()
@@ -174,6 +175,7 @@ def main() -> None:
                     signal.alarm(0)
                 row[key]["seconds"] = round(time.perf_counter() - t0, 1)
         record["models"][label] = row
+        record["models"] = {k: record["models"][k] for k in models if k in record["models"]}  # in zoo() order
         print(_line(label, row), flush=True)
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json + ".tmp", "w") as f:
