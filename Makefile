@@ -30,7 +30,7 @@ DEMO_SETS := $(if $(RETRAIN),,$(if $(wildcard $(DEMO_TEACHER)),--set teacher.che
 DATA ?= ../shared/data
 
 demo: $(STAMP)
-	@test -f $(DATA)/cifar10/train.tar || { echo "make demo: $(DATA)/cifar10/train.tar not found: set DATA to the folder holding cifar10/ (make demo DATA=/path/to/data; README, Data)" >&2; exit 2; }
+	@test -f $(DATA)/cifar10/train.tar -o -f $(DATA)/cifar10/cifar-10-python.tar.gz -o -d $(DATA)/cifar10/cifar-10-batches-py || { echo "make demo: neither $(DATA)/cifar10/train.tar nor the official $(DATA)/cifar10/cifar-10-python.tar.gz (or cifar-10-batches-py/) found: set DATA to the folder holding cifar10/ (make demo DATA=/path/to/data; README, Data)" >&2; exit 2; }
 	$(BIN)/python -m maskdecay_examples.resnet prune --config examples/resnet/configs/demo.yaml --set data.path=$(DATA)/cifar10 $(DEMO_SETS)
 
 # EVC end to end at a tiny scale: train -> decay to EVC_SS -> RRL -> Kodak real bitstreams -> RD plot, BD-rates

@@ -1,13 +1,17 @@
-"""CIFAR-10 from the project's JPEG tars, as uint8 tensors, plus tiny tensor-side augmentation (shared by the
-quick-start and the ResNet example).
+"""CIFAR-10 as uint8 tensors, plus tiny tensor-side augmentation (shared by the quick-start and the ResNet example).
 
-The shipped data (``../shared/data/cifar10/``, see its ``SOURCE.md``) is two plain
-tars, ``train.tar`` and ``test.tar``, whose members are ``<class>/<NNNN>.jpg``.
-These are JPEG (quality 75, 4:2:0) re-encodings of CIFAR-10, not the original
-pixels, so accuracies run a little below published CIFAR-10 numbers.
+Two formats are read:
 
-Decoding all 60,000 JPEGs takes a few seconds; :func:`load_cifar10` keeps the
-decoded arrays as ``.npy`` files in a cache directory so reruns start at once.
+* the project's JPEG tars (``../shared/data/cifar10/``, see its ``SOURCE.md``): ``train.tar`` and ``test.tar``,
+  whose members are ``<class>/<NNNN>.jpg``. These are JPEG (quality 75, 4:2:0) re-encodings of CIFAR-10, not the
+  original pixels, so accuracies run a little below published CIFAR-10 numbers. Decoding all 60,000 JPEGs takes a
+  few seconds; :func:`load_cifar10` keeps the decoded arrays as ``.npy`` files in a cache directory so reruns
+  start at once.
+* the official python release (``cifar-10-python.tar.gz`` from https://www.cs.toronto.edu/~kriz/cifar.html, or the
+  ``cifar-10-batches-py/`` folder it unpacks to): the original pixels. Its batches are pickles; they are read with
+  an unpickler that admits only the numpy array reconstruction they need, so a tampered file cannot run code.
+
+Every :class:`Split` carries a ``note`` saying which of the two it came from, for the reports.
 
 Usage::
 
@@ -22,8 +26,10 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import pickle
 import tarfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -43,14 +49,18 @@ MEAN: tuple[float, float, float] = (0.4913, 0.4821, 0.4465)
 STD: tuple[float, float, float] = (0.2452, 0.2428, 0.2606)
 
 DATA_NOTE = "CIFAR-10 as JPEG q75 (4:2:0) re-encodings, not the original pixels"
+ORIGINAL_NOTE = "CIFAR-10 (the original pixels of the official python release)"
+RELEASE_ARCHIVE = "cifar-10-python.tar.gz"
+RELEASE_FOLDER = "cifar-10-batches-py"
 
 
 @dataclass
 class Split:
-    """One split: ``x`` uint8 ``N x 3 x 32 x 32`` (RGB), ``y`` int64 ``N``."""
+    """One split: ``x`` uint8 ``N x 3 x 32 x 32`` (RGB), ``y`` int64 ``N``; ``note`` says what the pixels are."""
 
     x: torch.Tensor
     y: torch.Tensor
+    note: str = DATA_NOTE
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -60,7 +70,7 @@ class Split:
         if n is None or n >= len(self):
             return self
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
-        return Split(self.x[idx], self.y[idx])
+        return Split(self.x[idx], self.y[idx], self.note)
 
 
 def decode_tar(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -122,14 +132,82 @@ def load_split(tar_path: str | Path, cache_dir: str | Path | None = None) -> Spl
     return Split(xt, torch.from_numpy(y))
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles the official batches (dicts of bytes, lists and numpy arrays) and refuses any other global."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"a CIFAR-10 batch may not reference {module}.{name}")
+        if module.startswith("numpy.core") and int(np.__version__.split(".")[0]) >= 2:
+            module = module.replace("numpy.core", "numpy._core", 1)
+        return super().find_class(module, name)
+
+
+def find_release(path: str | Path) -> Path | None:
+    """The official python release at ``path``: the archive or the folder itself, or either one inside ``path``."""
+    path = Path(path)
+    if path.is_file():
+        return path if path.name.endswith((".tar.gz", ".tgz")) else None
+    for folder in (path, path / RELEASE_FOLDER):
+        if (folder / "test_batch").is_file():
+            return folder
+    return path / RELEASE_ARCHIVE if (path / RELEASE_ARCHIVE).is_file() else None
+
+
+def load_release_split(release: str | Path, split: str) -> Split:
+    """``split`` ("train": ``data_batch_1..5``, "test": ``test_batch``) of the official python release (the
+    ``.tar.gz`` archive or the unpacked ``cifar-10-batches-py/`` folder), original pixels."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    release = Path(release)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    blobs: dict[str, bytes] = {}
+    try:
+        if release.is_dir():
+            blobs = {n: (release / n).read_bytes() for n in names}
+        else:
+            with tarfile.open(release, "r:*") as tar:
+                for m in tar:
+                    if m.isfile() and Path(m.name).name in names:
+                        f = tar.extractfile(m)
+                        assert f is not None
+                        blobs[Path(m.name).name] = f.read()
+        missing = [n for n in names if n not in blobs]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)} in it")
+        xs, ys = [], []
+        for n in names:
+            batch = _ArrayUnpickler(io.BytesIO(blobs[n]), encoding="bytes").load()
+            data, labels = batch[b"data"], batch[b"labels"]
+            xs.append(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(labels, dtype=np.int64))
+    except (OSError, tarfile.TarError, zlib.error, pickle.UnpicklingError, ValueError, KeyError, TypeError,
+            EOFError) as e:
+        raise ValueError(f"{release}: not a readable CIFAR-10 python release ({type(e).__name__}: {e})") from None
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    if len(x) != len(y) or (len(y) and not 0 <= y.min() <= y.max() < len(CLASSES)):
+        raise ValueError(f"{release}: {split} images and labels do not match CIFAR-10's ({len(x)} images, "
+                         f"{len(y)} labels)")
+    log.info("read %s split of %s: %d images", split, release, len(y))
+    return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), ORIGINAL_NOTE)
+
+
 def load_cifar10(data_dir: str | Path, cache_dir: str | Path | None = None) -> tuple[Split, Split]:
-    """Load ``(train, test)`` from ``data_dir/train.tar`` and ``data_dir/test.tar``."""
+    """Load ``(train, test)`` from ``data_dir/train.tar`` and ``data_dir/test.tar`` (the project's JPEG tars), or
+    from the official python release: ``data_dir`` is ``cifar-10-python.tar.gz``, the ``cifar-10-batches-py/``
+    folder, or a folder holding one of them."""
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(
-            f"CIFAR-10 data directory not found: {data_dir} (it should hold train.tar and test.tar)"
-        )
-    return load_split(data_dir / "train.tar", cache_dir), load_split(data_dir / "test.tar", cache_dir)
+    if (data_dir / "train.tar").is_file() or (data_dir / "test.tar").is_file():
+        return load_split(data_dir / "train.tar", cache_dir), load_split(data_dir / "test.tar", cache_dir)
+    release = find_release(data_dir)
+    if release is not None:
+        return load_release_split(release, "train"), load_release_split(release, "test")
+    raise FileNotFoundError(
+        f"CIFAR-10 not found at {data_dir}: expected a folder with train.tar and test.tar (the project's JPEG tars), "
+        f"or the official python release ({RELEASE_ARCHIVE} or its {RELEASE_FOLDER}/ folder)")
 
 
 def to_float(x: torch.Tensor, channels_last: bool = True) -> torch.Tensor:

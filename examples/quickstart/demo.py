@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import maskdecay as md
-from maskdecay_examples.cifar import DATA_NOTE, Split, augment, batches, load_cifar10, to_float
+from maskdecay_examples.cifar import Split, augment, batches, load_cifar10, to_float
 
 log = logging.getLogger("demo")
 
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     train = train.subset(args.train_subset, seed=args.seed)
     timings["data_s"] = time.perf_counter() - t_start
     log.info("data: %d train / %d test images (%s), torch %s, %d threads",
-             len(train), len(test), DATA_NOTE, torch.__version__, torch.get_num_threads())
+             len(train), len(test), test.note, torch.__version__, torch.get_num_threads())
 
     t0 = time.perf_counter()
     teacher = train_teacher(args, train, out)
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher_macs = rows["teacher"]["macs"]
     table = format_table(rows, teacher_macs)
     results = {
-        "data": DATA_NOTE,
+        "data": test.note,
         "args": vars(args),
         "rows": rows,
         "timings": timings,
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
     print()
-    print(f"Mask decay to {args.macs:.0%} MACs on {DATA_NOTE}; teacher {args.epochs:g} epochs, "
+    print(f"Mask decay to {args.macs:.0%} MACs on {test.note}; teacher {args.epochs:g} epochs, "
           f"{args.steps} decay + {args.finetune_steps} fine-tune steps per student.")
     print("MACs/params per 3x32x32 image. Top-1 accuracy (%) on the 10,000 test images: 'acc export' right "
           "after export, 'acc final' after the short fine-tune.")

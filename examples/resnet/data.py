@@ -9,6 +9,8 @@ Accepted data locations (``data.path`` in the config):
 
 * a folder holding ``train.tar`` and ``test.tar`` (the project's ``../shared/data/cifar10``: JPEG q75 re-encodings of
   CIFAR-10, see its SOURCE.md), or ``train/`` and ``test/`` sub-folders;
+* the official python release: ``cifar-10-python.tar.gz``, its ``cifar-10-batches-py/`` folder, or a folder holding
+  either (the original pixels);
 * or explicit ``data.train`` / ``data.test`` paths, each a tar or a folder of ``<class>/<image>`` files
   (``.jpg``/``.jpeg``/``.png``, 32x32 RGB), with the 10 CIFAR-10 class names as folder names.
 """
@@ -20,7 +22,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..cifar import CLASSES, DATA_NOTE, Split, augment, batches, load_split, to_float
+from ..cifar import (CLASSES, DATA_NOTE, Split, augment, batches, find_release, load_release_split, load_split,
+                     to_float)
 
 __all__ = ["CLASSES", "DATA_NOTE", "Split", "augment", "batches", "to_float", "load_folder", "load_any", "resolve",
            "BatchStream"]
@@ -46,12 +49,17 @@ def load_folder(path: str | Path) -> "Split":
     x = np.stack(xs)
     if x.shape[1:] != (32, 32, 3):
         raise ValueError(f"{path}: expected 32x32 RGB images, got {x.shape[1:]}")
-    return Split(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.asarray(ys, dtype=np.int64)))
+    return Split(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(np.asarray(ys, dtype=np.int64)),
+                 f"CIFAR-10 from the image folder {path}")
 
 
-def load_any(path: str | Path, cache_dir: str | Path | None = None) -> "Split":
-    """One split from a tar (cached as ``.npy`` in ``cache_dir``) or an image folder."""
+def load_any(path: str | Path, cache_dir: str | Path | None, split: str) -> "Split":
+    """One split from a tar (cached as ``.npy`` in ``cache_dir``), an image folder, or the official python release
+    (its ``split``: "train" or "test")."""
     path = Path(path)
+    release = find_release(path)
+    if release is not None:
+        return load_release_split(release, split)
     if path.is_dir():
         return load_folder(path)
     if path.is_file():
@@ -69,10 +77,15 @@ def resolve(root: str | Path | None, train: str | Path | None, test: str | Path 
         if root is None:
             raise ValueError(f"data: give data.path (a folder with {stem}.tar or {stem}/) or data.{stem}")
         base = Path(root)
+        release = find_release(base)
+        if release is not None and not (base / f"{stem}.tar").exists():
+            paths.append(release)
+            continue
         candidates = [base / f"{stem}.tar", base / stem]
         found = next((c for c in candidates if c.exists()), None)
         if found is None:
-            raise FileNotFoundError(f"{base}: neither {stem}.tar nor {stem}/ found (CIFAR-10 as in ../shared/data/cifar10)")
+            raise FileNotFoundError(f"{base}: neither {stem}.tar nor {stem}/ found, nor the official python release "
+                                    "(cifar-10-python.tar.gz or cifar-10-batches-py/)")
         paths.append(found)
     return paths[0], paths[1]
 

@@ -25,7 +25,7 @@ import maskdecay as md
 from ..hostinfo import cpu_label
 from . import methods, report
 from .config import Config
-from .data import DATA_NOTE, Split, load_any, resolve
+from .data import Split, load_any, resolve
 from .training import evaluate, teacher
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def load_data(cfg: Config) -> tuple[Split, Split]:
     """Train and test splits from the config (decoded tars cached next to the run folder)."""
     train_path, test_path = resolve(cfg.data.path, cfg.data.train, cfg.data.test)
     cache = cfg.out_dir.parent / "cache" if cfg.data.cache else None
-    train, test = load_any(train_path, cache), load_any(test_path, cache)
+    train, test = load_any(train_path, cache, "train"), load_any(test_path, cache, "test")
     return train.subset(cfg.data.train_subset, cfg.seed), test.subset(cfg.data.test_subset, cfg.seed)
 
 
@@ -100,7 +100,7 @@ def prune(cfg: Config) -> tuple[dict[str, Any], list[str]]:
     for row in rows:
         row["latency_ms"] = lat[row["dir"]]
     report.add_speed(rows, tm)
-    results = {"arch": cfg.model.arch, "data": DATA_NOTE, "n_train": len(train), "n_test": len(test),
+    results = {"arch": cfg.model.arch, "data": test.note, "n_train": len(train), "n_test": len(test),
                "seed": cfg.seed, "methods": cfg.prune.methods, "budgets": cfg.prune.budgets,
                "total_steps_per_method": cfg.prune.decay_steps + cfg.prune.finetune_steps,
                "latency_batch": r.latency_batch, "threads": torch.get_num_threads(),

@@ -55,7 +55,7 @@ def table(results: dict[str, Any]) -> str:
     head = (f"{'method':<13} {'budget':>6} {'MACs':>8} {'rel':>5} {'params':>7} {'acc@cut':>7} {'acc':>6} "
             f"{'reload':>6} {'lat b' + str(results['latency_batch']):>8} {'speedup':>7} {'MAC red':>7} {'ratio':>5} "
             f"{'time':>6}")
-    lines = [f"{results['arch']} on {DATA_NOTE}; test accuracy %; latency: CPU, "
+    lines = [f"{results['arch']} on {results.get('data', DATA_NOTE)}; test accuracy %; latency: CPU, "
              f"{results['threads']} threads, median ms", head, "-" * len(head),
              f"{'teacher':<13} {'-':>6} {t['macs'] / 1e6:>7.2f}M {1:>5.2f} {t['params'] / 1e3:>6.0f}k {'-':>7} "
              f"{t['accuracy']:>6.2f} {'-':>6} {t['latency_ms']:>8.2f} {1:>7.2f} {1:>7.2f} {1:>5.2f} {'-':>6}"]
@@ -98,7 +98,8 @@ def plot_accuracy_vs_macs(results: dict[str, Any], path: Path) -> str:
     ax.plot([t["macs"] / 1e6], [t["accuracy"]], "k*", ms=12, label="teacher")
     ax.set_xlabel("MACs per image (M)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{results['arch']}: accuracy vs MACs at equal budgets and steps\n({DATA_NOTE})", fontsize=9)
+    ax.set_title(f"{results['arch']}: accuracy vs MACs at equal budgets and steps\n"
+                 f"({results.get('data', DATA_NOTE)})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

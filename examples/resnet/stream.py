@@ -65,4 +65,4 @@ def carve(split: Split, n_val: int, seed: int) -> tuple[Split, Split]:
         val_idx.append(ix[:k])
         train_idx.append(ix[k:])
     vi, ti = torch.cat(val_idx).sort().values, torch.cat(train_idx).sort().values
-    return Split(split.x[ti], split.y[ti]), Split(split.x[vi], split.y[vi])
+    return Split(split.x[ti], split.y[ti], split.note), Split(split.x[vi], split.y[vi], split.note)

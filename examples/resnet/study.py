@@ -45,7 +45,7 @@ import maskdecay as md
 from .. import yaml_config
 from ..hostinfo import cpu_label
 from .config import MASK_METHODS, ConfigError
-from .data import DATA_NOTE, Split, load_any, resolve
+from .data import Split, load_any, resolve
 from .methods import TP_FORMAT, example_input, prune_to_macs, rebuild_student, tp_pruner
 from .models import build
 from .stream import StepStream, carve
@@ -183,7 +183,7 @@ def load_data(cfg: StudyConfig) -> Data:
     """Training split minus the validation split, the validation split, the full test split."""
     train_path, test_path = resolve(cfg.data.path, cfg.data.train, cfg.data.test)
     cache = cfg.out_dir / "cache" if cfg.data.cache else None
-    full, test = load_any(train_path, cache), load_any(test_path, cache)
+    full, test = load_any(train_path, cache, "train"), load_any(test_path, cache, "test")
     full, test = full.subset(cfg.data.train_subset, cfg.seed), test.subset(cfg.data.test_subset, cfg.seed)
     if cfg.data.val_size == 0:
         return Data(full, None, test)
@@ -298,7 +298,7 @@ def teacher(cfg: StudyConfig, data: Data) -> nn.Module:
     md.atomic_save({"key": key, "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
                     "test_accuracy": curve[-1]["test_accuracy"], "val_accuracy": curve[-1]["val_accuracy"]},
                    out / "teacher.pt")
-    _write_json(out / "teacher.json", {"key": key, "curve": curve, "train_seconds": seconds, "data": DATA_NOTE,
+    _write_json(out / "teacher.json", {"key": key, "curve": curve, "train_seconds": seconds, "data": data.test.note,
                                        "n_train": len(data.train), "n_val": len(data.val or ()), "n_test": len(data.test),
                                        "machine": cpu_label(), "threads": torch.get_num_threads()})
     state_path.unlink(missing_ok=True)
@@ -556,7 +556,7 @@ class Study:
         return self.write_summary(finals)
 
     def write_summary(self, finals: list[dict[str, Any]]) -> dict[str, Any]:
-        summary = {"arch": self.cfg.arch, "data": DATA_NOTE, "teacher_macs": self.teacher_macs,
+        summary = {"arch": self.cfg.arch, "data": self.data.test.note, "teacher_macs": self.teacher_macs,
                    "config": json.loads(json.dumps(self.cfg, default=lambda o: o.__dict__)),
                    "finals": [{k: v for k, v in f.items() if k != "key"} for f in finals]}
         _write_json(self.out / "summary.json", summary)
@@ -660,7 +660,7 @@ def run(cfg: StudyConfig, stage: str = "all") -> dict[str, Any] | None:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg)
     log.info("data: %d train, %d validation, %d test images (%s); %s, %d threads", len(data.train), len(data.val or ()),
-             len(data.test), DATA_NOTE, cpu_label(), torch.get_num_threads())
+             len(data.test), data.test.note, cpu_label(), torch.get_num_threads())
     if cfg.fit_minutes is not None:
         fit_schedule(cfg, data)
     tmodel = teacher(cfg, data)

@@ -105,8 +105,8 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
     last = t["curve"][-1]
     cfg = summary["config"]
     p = cfg["prune"]
-    lines = [f"Data: {DATA_NOTE}; {t['n_train']:,} training, {t['n_val']:,} validation (held out of the training "
-             f"set), {t['n_test']:,} test images. Machine: {t['machine']}, {t['threads']} threads.", "",
+    lines = [f"Data: {summary.get('data', DATA_NOTE)}; {t['n_train']:,} training, {t['n_val']:,} validation (held "
+             f"out of the training set), {t['n_test']:,} test images. Machine: {t['machine']}, {t['threads']} threads.", "",
              f"**Teacher** ({summary['arch']}, {len(t['curve'])} epochs, {t['train_seconds'] / 60:.0f} min): "
              f"**{last['test_accuracy']:.2f} %** test, {_acc(last['val_accuracy'])} % validation, "
              f"{summary['teacher_macs'] / 1e6:.2f} M MACs.", ""]
@@ -200,7 +200,7 @@ def plot_all(out: Path, summary: dict[str, Any]) -> list[str]:
     ax[1].legend()
     for a in ax:
         a.grid(alpha=0.3)
-    fig.suptitle(f"{summary['arch']} on {DATA_NOTE}", fontsize=9)
+    fig.suptitle(f"{summary['arch']} on {summary.get('data', DATA_NOTE)}", fontsize=9)
     fig.tight_layout()
     paths.append(str(plots / "teacher_curve.png"))
     fig.savefig(paths[-1], dpi=110)
@@ -219,7 +219,7 @@ def plot_all(out: Path, summary: dict[str, Any]) -> list[str]:
     ax.plot([summary["teacher_macs"] / 1e6], [t["curve"][-1]["test_accuracy"]], "k*", ms=12, label="teacher")
     ax.set(xlabel="MACs per image (M)", ylabel="test accuracy (%)")
     ax.set_title(f"{summary['arch']}: accuracy vs MACs, equal steps and schedule; error bars: sd over seeds\n"
-                 f"({DATA_NOTE})", fontsize=9)
+                 f"({summary.get('data', DATA_NOTE)})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -68,13 +68,13 @@ def test_config_file_and_overrides(tmp_path: Path) -> None:
 
 
 def test_data_tar_and_folder(tiny_data: Path, tmp_path: Path) -> None:
-    split = data.load_any(tiny_data / "train.tar")
+    split = data.load_any(tiny_data / "train.tar", None, "train")
     assert split.x.shape == (48, 3, 32, 32) and split.x.dtype == torch.uint8
     for i in range(3):
         d = tmp_path / "imgs" / data.CLASSES[i]
         d.mkdir(parents=True)
         Image.fromarray(split.x[i].permute(1, 2, 0).numpy()).save(d / "a.png")
-    folder = data.load_any(tmp_path / "imgs")
+    folder = data.load_any(tmp_path / "imgs", None, "train")
     assert folder.y.tolist() == [0, 1, 2]
     assert torch.equal(folder.x, split.x[:3])
     stream = data.BatchStream(split, 16, seed=0)
