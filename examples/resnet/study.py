@@ -15,6 +15,11 @@ command can be killed at any time and started again, on another machine too, onc
 3. **Seeds**: the ``seed_top`` best methods of the first budget (by final validation accuracy) run again with each of
    ``extra_seeds`` (other batches and augmentation from the same teacher).
 
+Several processes can share one folder: start the same command again (e.g. twice with ``--set threads=1`` on two
+cores). Each piece (the teacher, one run) is claimed through a lock file in ``state/`` (:mod:`.claim`); the other
+processes skip it, take the next free piece, and come back for the results they need. The results do not depend on
+how many processes ran.
+
 Every method gets the same teacher, budget, total steps, batch size, LR schedule (constant ``lr`` while decaying,
 then a cosine to 0 over the fine-tuning) and SGD settings. ``tp_l1`` prunes at step 0 and fine-tunes for all the
 steps under the same LR schedule.
@@ -30,9 +35,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,6 +51,7 @@ import maskdecay as md
 
 from .. import yaml_config
 from ..hostinfo import cpu_label
+from .claim import claim, gather
 from .config import MASK_METHODS, ConfigError
 from .data import Split, load_any, resolve
 from .methods import TP_FORMAT, example_input, prune_to_macs, rebuild_student, tp_pruner
@@ -203,7 +211,7 @@ def _read_json(path: Path) -> Any:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one name per process: workers may write at once
     tmp.write_text(json.dumps(obj, indent=1))
     tmp.replace(path)
 
@@ -452,6 +460,13 @@ class Study:
         saved = _read_json(path)
         if saved is not None and saved.get("key") == key:
             return saved
+        with claim(self.out / "state" / f"{run.name}.lock"):
+            saved = _read_json(path)  # another worker may have finished it since the first look
+            if saved is not None and saved.get("key") == key:
+                return saved
+            return self._finetune(run, epochs, final, path, key)
+
+    def _finetune(self, run: Run, epochs: int, final: bool, path: Path, key: dict[str, Any]) -> dict[str, Any]:
         self.cut(run)
         t0 = time.perf_counter()
         model, opt_state, info = self.load_cut(run)
@@ -507,12 +522,11 @@ class Study:
             return self.p.sweep[method][0], []
         grid = sorted(self.p.sweep[method])
         factor = grid[-1] / grid[-2] if len(grid) > 1 else 10.0
-        results = {}
+        results: dict[float, dict[str, Any]] = {}
         extended = 0
         while True:
-            for s in grid:
-                if s not in results:
-                    results[s] = self.finetune(Run(method, budget, s, seed), self.p.sweep_finetune_epochs, False)
+            results.update(gather({s: partial(self.finetune, Run(method, budget, s, seed), self.p.sweep_finetune_epochs,
+                                              False) for s in grid if s not in results}, wait=False))
             acc = [results[s]["val_accuracy"] for s in grid]
             best = grid[acc.index(max(acc))]  # the smallest of tied strengths
             low, high = len(grid) > 1 and acc[0] > acc[1], len(grid) > 1 and acc[-1] > acc[-2]
@@ -534,26 +548,29 @@ class Study:
         return {**result, "sweep": [{"strength": r["strength"], "val_accuracy": r["val_accuracy"]} for r in points]}
 
     def all(self) -> dict[str, Any]:
-        """Every piece, in the order of the module docstring; returns the finals (``summary.json``)."""
-        finals: list[dict[str, Any]] = []
+        """Every piece, in the order of the module docstring; returns the finals (``summary.json``).
+
+        Pieces that another process holds (see :mod:`.claim`) are skipped and come back later, so several processes
+        started on the same folder share the work; each returns once every piece is done."""
         seed = self.cfg.seed
+        jobs: dict[Any, Callable[[], dict[str, Any]]] = {}
         for budget in self.p.budgets:
             methods = list(self.p.methods)
             if budget in self.p.ablation_budgets and "sparsity_loss_only" not in methods:
                 methods.append("sparsity_loss_only")
             for method in methods:
-                finals.append(self.final(method, budget, seed))
-                self.write_summary(finals)
+                jobs[(method, budget, seed)] = partial(self.final, method, budget, seed)
+        done = lambda results: self.write_summary(list(results.values()))  # noqa: E731
+        finals = list(gather(jobs, wait=True, on_done=done).values())
         first = self.p.budgets[0]
         if self.p.seed_top == 0 or not self.p.extra_seeds:
             return self.write_summary(finals)
         ranked = sorted((f for f in finals if f["budget"] == first and f["method"] in self.p.methods),
                         key=lambda f: -f["val_accuracy"])
-        for f in ranked[:self.p.seed_top]:
-            for s in self.p.extra_seeds:
-                finals.append(self.final(f["method"], first, s))
-                self.write_summary(finals)
-        return self.write_summary(finals)
+        seeds = {(f["method"], first, s): partial(self.final, f["method"], first, s)
+                 for f in ranked[:self.p.seed_top] for s in self.p.extra_seeds}
+        more = lambda results: self.write_summary(finals + list(results.values()))  # noqa: E731
+        return self.write_summary(finals + list(gather(seeds, wait=True, on_done=more).values()))
 
     def write_summary(self, finals: list[dict[str, Any]]) -> dict[str, Any]:
         summary = {"arch": self.cfg.arch, "data": self.data.test.note, "teacher_macs": self.teacher_macs,
@@ -663,7 +680,8 @@ def run(cfg: StudyConfig, stage: str = "all") -> dict[str, Any] | None:
              len(data.test), data.test.note, cpu_label(), torch.get_num_threads())
     if cfg.fit_minutes is not None:
         fit_schedule(cfg, data)
-    tmodel = teacher(cfg, data)
+    with claim(cfg.out_dir / "state" / "teacher.lock", wait=True):  # other workers wait for it, then load it
+        tmodel = teacher(cfg, data)
     if stage == "teacher":
         return None
     return Study(cfg, data, tmodel).all()

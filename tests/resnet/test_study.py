@@ -164,7 +164,7 @@ def test_gpu_recipe_smoke_on_cpu(tiny: Path, tmp_path: Path) -> None:
     cfg = study.load_config(root / "examples/resnet/configs/resnet56_gpu.yaml", [
         "device=cpu", "channels_last=false", "arch=resnet8", f"data.path={tiny}", "data.cache=false",
         f"out={tmp_path / 'gpu'}", "teacher.epochs=1", "teacher.batch_size=16", "prune.batch_size=16",
-        "fit_minutes=3", "prune.tp_iterative_steps=50"])
+        "fit_minutes=0.5", "prune.tp_iterative_steps=50"])
     assert cfg.amp and cfg.data.val_size == 0
     summary = study.run(cfg)
     plan = (tmp_path / "gpu" / "plan.json").read_text()
