@@ -52,8 +52,9 @@ def gather(jobs: dict[Hashable, Callable[[], T]], wait: bool, on_done: Callable[
            poll: float | None = None) -> dict[Hashable, T]:
     """Run every job, in order, skipping those that raise :class:`Busy` and coming back to them.
 
-    With ``wait`` the call returns only when every job has run (sleeping ``poll`` seconds, default
-    :data:`POLL_SECONDS`, whenever a whole pass made no progress); without it, :class:`Busy` is raised after one pass if any job was held by another process.
+    A pass that finished a job is followed at once by another (the held jobs may be free by then). After a pass that
+    finished none, with ``wait`` the call sleeps ``poll`` seconds (default :data:`POLL_SECONDS`) and tries again;
+    without it, :class:`Busy` is raised.
     ``on_done(results)`` is called after each finished job. Results come back in the order of ``jobs``.
     """
     results: dict[Hashable, T] = {}
@@ -72,8 +73,9 @@ def gather(jobs: dict[Hashable, Callable[[], T]], wait: bool, on_done: Callable[
                 on_done({k: results[k] for k in jobs if k in results})
         if not held:
             return {k: results[k] for k in jobs}
+        if progressed:
+            continue
         if not wait:
             raise Busy(", ".join(held))
-        if not progressed:
-            log.info("waiting for pieces other workers hold: %s", ", ".join(held))
-            time.sleep(POLL_SECONDS if poll is None else poll)
+        log.info("waiting for pieces other workers hold: %s", ", ".join(held))
+        time.sleep(POLL_SECONDS if poll is None else poll)
