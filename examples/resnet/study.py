@@ -216,6 +216,13 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def _where(device: str) -> str:
+    """The device a phase runs on (the GPU's name, or the CPU's with its thread count), for the compute record."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{cpu_label()}, {torch.get_num_threads()} threads"
+
+
 def _load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -440,6 +447,7 @@ class Study:
             student = model
         info["accuracy_after_cut_val"] = accuracy(student, self.data.val)
         info["decay_seconds"] = elapsed()
+        info["decay_machine"] = _where(self.cfg.device)
         md.atomic_save({**payload, "key": key, "opt": opt_state, "info": info}, path)
         state_path.unlink(missing_ok=True)
         return path
@@ -500,7 +508,7 @@ class Study:
         result = {"key": key, "run": run.name, **run.__dict__, "finetune_epochs": epochs,
                   "total_steps": d + ft, "macs": prof.macs, "params": prof.params,
                   "val_accuracy": accuracy(model, self.data.val), **info,
-                  "finetune_seconds": seconds + time.perf_counter() - t0}
+                  "finetune_seconds": seconds + time.perf_counter() - t0, "machine": _where(self.cfg.device)}
         if final:
             result["test_accuracy"] = evaluate(model, self.data.test)
             cut = _load(self._dir(run) / "cut.pt")

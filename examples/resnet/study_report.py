@@ -61,15 +61,20 @@ def mask_gap(history: dict[str, Any]) -> dict[str, float]:
             "cut_jump": history.get("cut_jump") or 0.0}
 
 
-def compute(out: Path) -> dict[str, float]:
-    """Wall time of every pruning run in ``out/runs`` (each decay counted once, every fine-tuning branch)."""
+def compute(out: Path) -> dict[str, Any]:
+    """Wall time of every pruning run in ``out/runs`` (each decay counted once, every fine-tuning branch), and
+    ``{machine: number of phases}`` over the decay and fine-tuning phases that recorded where they ran."""
     total, n = 0.0, 0
+    machines: dict[str, int] = {}
     for run in sorted((out / "runs").iterdir()):
         results = [json.loads(f.read_text()) for f in sorted(run.glob("result-ft*.json"))]
         if results:
             n += 1
             total += results[0].get("decay_seconds", 0.0) + sum(r.get("finetune_seconds", 0.0) for r in results)
-    return {"runs": n, "seconds": total}
+            for where in [results[0].get("decay_machine")] + [r.get("machine") for r in results]:
+                if where:
+                    machines[where] = machines.get(where, 0) + 1
+    return {"runs": n, "seconds": total, "machines": machines}
 
 
 def _finals(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -174,8 +179,10 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
                   f"{1e3 * pl['seconds_per_step']['student']:.1f} ms per teacher / decay / student step): "
                   f"{pl['decay_epochs']} decay + {pl['finetune_epochs']} fine-tuning epochs per method."]
     runs = compute(out)
-    lines += ["", f"Compute: teacher {t['train_seconds'] / 3600:.1f} h, {runs['runs']} pruning runs (sweep points, "
-              f"finals, seeds) {runs['seconds'] / 3600:.1f} h, on {t['machine']}, {t['threads']} threads."]
+    where = "; ".join(f"{m} ({k} phases)" for m, k in sorted(runs["machines"].items(), key=lambda kv: -kv[1]))
+    lines += ["", f"Compute: teacher {t['train_seconds'] / 3600:.1f} h on {t['machine']}, {t['threads']} threads; "
+              f"{runs['runs']} pruning runs (sweep points, finals, seeds) {runs['seconds'] / 3600:.1f} h"
+              + (f", their decay and fine-tuning phases on: {where}." if where else ".")]
     return "\n".join(lines)
 
 

@@ -113,6 +113,7 @@ def test_study_end_to_end_and_report(tiny: Path, tmp_path: Path) -> None:
     text = study_report.main(out, measure=True, batch=2, rounds=1, runs=1)
     for needle in ("Main table", "Strength sweeps", "Seeds", "Sparsity-loss ablation", "speed-up"):
         assert needle in text
+    assert "phases on: " in text and "threads (" in text  # where every decay and fine-tuning ran
     for name in ("teacher_curve.png", "accuracy_vs_macs.png", "ablation_0.5.png", "masks_0.5.png"):
         assert (out / "plots" / name).is_file()
 
