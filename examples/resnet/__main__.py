@@ -61,7 +61,8 @@ def _cmd_study(args: argparse.Namespace) -> None:
 def _cmd_study_report(args: argparse.Namespace) -> None:
     from .study_report import main as report
 
-    print(report(Path(args.out), measure=not args.no_latency, batch=args.batch))
+    print(report(Path(args.out), measure=not args.no_latency, batch=args.batch,
+                 docs=Path(args.docs) if args.docs else None))
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     sr.add_argument("out", help="the study folder (out: of the study config)")
     sr.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
     sr.add_argument("--batch", type=int, default=64, help="images per timed forward pass")
+    sr.add_argument("--docs", metavar="PAGE", help="also put the tables and plots into this Markdown page, between "
+                    "its '<!-- study-report:begin -->' and '<!-- study-report:end -->' lines")
     sr.set_defaults(func=_cmd_study_report)
     r = sub.add_parser("report", help="redraw the table and plots of a prune run folder")
     r.add_argument("run_dir")

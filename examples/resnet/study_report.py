@@ -4,11 +4,13 @@ Prints Markdown (and writes it to ``OUT/report.md``): the teacher, the main tabl
 test accuracy on the full test split, MACs, parameters, measured CPU speed-up), the strength sweeps, mean ± standard
 deviation over seeds, the sparsity-loss ablation. Plots go to ``OUT/plots/``: the teacher's learning curve, accuracy
 against MACs with error bars over seeds, and the removed masks' trajectories against the ceiling. Latency is measured
-here, on this machine, teacher and students interleaved.
+here, on this machine, teacher and students interleaved. ``--docs PAGE`` also puts the tables and plots into a
+Markdown page, between its :data:`BEGIN` and :data:`END` lines (the plots copied to ``img/`` beside the page).
 """
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,9 @@ from .data import DATA_NOTE
 from .models import build
 from .report import latencies
 from .study import load_student
+
+#: the lines of a Markdown page between which ``--docs`` puts the report
+BEGIN, END = "<!-- study-report:begin -->", "<!-- study-report:end -->"
 
 ABLATION = {"hard": "ceiling only (hard decay)", "sparsity_loss_only": "loss only (no ceiling)",
             "sparsity": "loss + ceiling (sparsity loss)"}
@@ -263,12 +268,32 @@ def plot_all(out: Path, summary: dict[str, Any]) -> list[str]:
     return paths
 
 
-def main(out: Path, measure: bool = True, batch: int = 64, rounds: int = 7, runs: int = 3) -> str:
-    """Write ``report.md`` and the plots of ``out``; returns the Markdown."""
+def publish(out: Path, text: str, plots: list[str], page: Path) -> None:
+    """Put ``text`` and the ``plots`` (copied into ``img/`` next to ``page``, named after the study folder) between
+    the :data:`BEGIN` and :data:`END` lines of the Markdown ``page``, replacing what was there."""
+    doc = page.read_text()
+    if doc.count(BEGIN) != 1 or doc.count(END) != 1 or doc.index(BEGIN) > doc.index(END):
+        raise ValueError(f"{page}: needs one {BEGIN!r} line and, after it, one {END!r} line where the report goes")
+    img = page.parent / "img"
+    img.mkdir(exist_ok=True)
+    figures = []
+    for q in map(Path, plots):
+        shutil.copyfile(q, img / f"{out.name}_{q.name}")
+        figures.append(f"![{q.stem.replace('_', ' ')}](img/{out.name}_{q.name})")
+    block = "\n\n".join([BEGIN, text, *figures, END])
+    page.write_text(doc[:doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):])
+
+
+def main(out: Path, measure: bool = True, batch: int = 64, rounds: int = 7, runs: int = 3,
+         docs: Path | None = None) -> str:
+    """Write ``report.md`` and the plots of ``out`` (and, with ``docs``, :func:`publish` them into that page);
+    returns the Markdown."""
     summary = load(out)
     lat = measure_speed(out, summary, batch, rounds, runs) if measure else None
     text = tables(out, summary, lat)
     paths = plot_all(out, summary)
+    if docs is not None:
+        publish(out, text, paths, docs)
     text += "\n\nPlots: " + ", ".join(str(Path(q).relative_to(out)) for q in paths)
     (out / "report.md").write_text(text + "\n")
     return text

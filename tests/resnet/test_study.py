@@ -114,6 +114,18 @@ def test_study_end_to_end_and_report(tiny: Path, tmp_path: Path) -> None:
     for needle in ("Main table", "Strength sweeps", "Seeds", "Sparsity-loss ablation", "speed-up"):
         assert needle in text
     assert "phases on: " in text and "threads (" in text  # where every decay and fine-tuning ran
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    page.write_text(f"# Results\n\nbefore\n\n{study_report.BEGIN}\nOLD-BLOCK\n{study_report.END}\n\nafter\n")
+    for _ in range(2):  # publishing again replaces the block
+        study_report.main(out, measure=False, docs=page)
+    doc = page.read_text()
+    assert doc.startswith("# Results\n\nbefore") and doc.endswith("after\n") and "OLD-BLOCK" not in doc
+    assert doc.count("Main table") == 1 and "](img/s_teacher_curve.png)" in doc
+    assert (page.parent / "img" / "s_accuracy_vs_macs.png").is_file()
+    page.write_text("no markers")
+    with pytest.raises(ValueError, match="study-report:begin"):
+        study_report.main(out, measure=False, docs=page)
     for name in ("teacher_curve.png", "accuracy_vs_macs.png", "ablation_0.5.png", "masks_0.5.png"):
         assert (out / "plots" / name).is_file()
 
