@@ -5,7 +5,6 @@ import json
 import multiprocessing as mp
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -66,8 +65,8 @@ def test_gather_comes_back_to_held_jobs() -> None:
     assert gather({"b": jobs["b"], "c": jobs["c"]}, wait=False) == {"b": "B", "c": "C"}
 
 
-def _worker(cfg_args: tuple, log: str) -> None:
-    """One study process that records which runs it fine-tuned itself."""
+def _worker(cfg_args: tuple, log: str, start: "mp.synchronize.Barrier") -> None:
+    """One study process that records which runs it fine-tuned itself; the workers start together."""
     original = study.Study._finetune
 
     def traced(self, run, epochs, final, path, key):  # noqa: ANN001, ANN202
@@ -77,7 +76,9 @@ def _worker(cfg_args: tuple, log: str) -> None:
 
     study.Study._finetune = traced
     claim.POLL_SECONDS = 0.2
-    study.run(_cfg(*cfg_args[:2], **cfg_args[2]))
+    cfg = _cfg(*cfg_args[:2], **cfg_args[2])
+    start.wait(timeout=300)
+    study.run(cfg)
 
 
 def test_two_processes_share_a_study_and_match_one(tmp_path: Path) -> None:
@@ -92,10 +93,10 @@ def test_two_processes_share_a_study_and_match_one(tmp_path: Path) -> None:
     study.run(_cfg(root, shared, **prune), stage="teacher")  # both workers then start from the same teacher
     ctx = mp.get_context("spawn")
     logs = [tmp_path / f"worker{i}.log" for i in range(2)]
-    procs = [ctx.Process(target=_worker, args=((root, shared, prune), str(log))) for log in logs]
+    start = ctx.Barrier(len(logs))
+    procs = [ctx.Process(target=_worker, args=((root, shared, prune), str(log), start)) for log in logs]
     for p in procs:
         p.start()
-        time.sleep(0.5)
     for p in procs:
         p.join(timeout=600)
         assert p.exitcode == 0
