@@ -305,7 +305,8 @@ def format_table(rows: dict[str, dict[str, Any]], teacher_macs: float) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="../shared/data/cifar10", help="folder with train.tar and test.tar")
+    p.add_argument("--data", default="../shared/data/cifar10", help="folder with train.tar and test.tar, or the official "
+                   "python release (cifar-10-python.tar.gz or cifar-10-batches-py/, or a folder holding either)")
     p.add_argument("--out", default="runs/demo", help="output folder (plots, results.json, data cache)")
     p.add_argument("--epochs", type=float, default=1.5, help="teacher training epochs")
     p.add_argument("--steps", type=int, default=250, help="mask-decay steps per regularizer")
