@@ -12,8 +12,9 @@ command can be killed at any time and started again, on another machine too, onc
    value sits at an edge of the grid, the grid is extended by one more factor in that direction (up to
    ``sweep_extend`` times). Then the **final run** at the chosen strength: the same decay (the very same steps and
    batches, so its checkpoint is reused), then ``finetune_epochs`` of fine-tuning, scored on the test set.
-3. **Seeds**: the ``seed_top`` best methods of the first budget (by final validation accuracy) run again with each of
-   ``extra_seeds`` (other batches and augmentation from the same teacher).
+3. **Seeds**: the ``seed_top`` best methods of the first budget (by final validation accuracy), and the
+   ``seed_methods`` (e.g. the two arms of the sparsity-loss ablation), run again with each of ``extra_seeds`` (other
+   batches and augmentation from the same teacher).
 
 Several processes can share one folder: start the same command again (e.g. twice with ``--set threads=1`` on two
 cores). Each piece (the teacher, one run) is claimed through a lock file in ``state/`` (:mod:`.claim`); the other
@@ -112,6 +113,7 @@ class StudyPrune:
     sweep_budgets: list[float] = field(default_factory=lambda: [0.5, 0.3])
     sweep_extend: int = 2
     seed_top: int = 3
+    seed_methods: list[str] = field(default_factory=list)
     extra_seeds: list[int] = field(default_factory=lambda: [1, 2])
     tp_iterative_steps: int = 400
 
@@ -119,6 +121,9 @@ class StudyPrune:
         bad = [m for m in self.methods if m not in STUDY_METHODS]
         if bad:
             raise ConfigError(f"methods: unknown method {bad[0]!r}; use any of {', '.join(STUDY_METHODS)}")
+        bad = [m for m in self.seed_methods if m not in self.methods]
+        if bad:
+            raise ConfigError(f"seed_methods: {bad[0]!r} is not one of the methods ({', '.join(self.methods)})")
         for k, grid in self.sweep.items():
             if k not in STUDY_METHODS or k in NO_STRENGTH:
                 raise ConfigError(f"sweep: {k!r} is not a method with a strength")
@@ -551,9 +556,17 @@ class Study:
         return self.sweep(method, budget if swept else self.p.sweep_budgets[0], self.cfg.seed)
 
     def final(self, method: str, budget: float, seed: int) -> dict[str, Any]:
+        """The final run of ``method`` at ``budget``. Hard decay at an ablation budget is also scored after the
+        sweep's short fine-tuning (``short_val_accuracy``), the point the sparsity loss's strengths are compared to."""
         strength, points = self.chosen(method, budget)
-        result = self.finetune(Run(method, budget, strength, seed), self.p.finetune_epochs, True)
-        return {**result, "sweep": [{"strength": r["strength"], "val_accuracy": r["val_accuracy"]} for r in points]}
+        run = Run(method, budget, strength, seed)
+        short = None
+        if (method == "hard" and budget in self.p.ablation_budgets and seed == self.cfg.seed
+                and self.data.val is not None):
+            short = self.finetune(run, self.p.sweep_finetune_epochs, False)["val_accuracy"]
+        result = self.finetune(run, self.p.finetune_epochs, True)
+        return {**result, "sweep": [{"strength": r["strength"], "val_accuracy": r["val_accuracy"]} for r in points],
+                **({"short_val_accuracy": short} if short is not None else {})}
 
     def all(self) -> dict[str, Any]:
         """Every piece, in the order of the module docstring; returns the finals (``summary.json``).
@@ -571,12 +584,13 @@ class Study:
         done = lambda results: self.write_summary(list(results.values()))  # noqa: E731
         finals = list(gather(jobs, wait=True, on_done=done).values())
         first = self.p.budgets[0]
-        if self.p.seed_top == 0 or not self.p.extra_seeds:
+        if not (self.p.seed_top or self.p.seed_methods) or not self.p.extra_seeds:
             return self.write_summary(finals)
         ranked = sorted((f for f in finals if f["budget"] == first and f["method"] in self.p.methods),
                         key=lambda f: -f["val_accuracy"])
-        seeds = {(f["method"], first, s): partial(self.final, f["method"], first, s)
-                 for f in ranked[:self.p.seed_top] for s in self.p.extra_seeds}
+        chosen = [f["method"] for f in ranked[:self.p.seed_top]]
+        chosen += [m for m in self.p.seed_methods if m not in chosen]
+        seeds = {(m, first, s): partial(self.final, m, first, s) for m in chosen for s in self.p.extra_seeds}
         more = lambda results: self.write_summary(finals + list(results.values()))  # noqa: E731
         return self.write_summary(finals + list(gather(seeds, wait=True, on_done=more).values()))
 

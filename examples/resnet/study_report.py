@@ -48,6 +48,11 @@ def _pm(values: list[float | None]) -> str:
     return f"{m:.2f} ± {sd:.2f} (n={len(values)})" if len(values) > 1 else f"{m:.2f}"
 
 
+def _se(acc: float, n: int) -> float:
+    """Standard error (points) of an accuracy ``acc`` (%) measured on ``n`` images."""
+    return 100.0 * (acc / 100.0 * (1.0 - acc / 100.0) / n) ** 0.5
+
+
 def load(out: Path) -> dict[str, Any]:
     """``summary.json`` and ``teacher.json`` of a study folder."""
     s, t = out / "summary.json", out / "teacher.json"
@@ -80,6 +85,20 @@ def compute(out: Path) -> dict[str, Any]:
                 if where:
                     machines[where] = machines.get(where, 0) + 1
     return {"runs": n, "seconds": total, "machines": machines}
+
+
+def sweep_points(out: Path, summary: dict[str, Any], method: str, budget: float) -> list[dict[str, Any]]:
+    """The finished sweep points of ``method`` at ``budget`` (seed of the study), by strength: each its short
+    fine-tuning's result plus ``history`` (the mask history of its decay, or None)."""
+    cfg = summary["config"]
+    epochs, seed = cfg["prune"]["sweep_finetune_epochs"], cfg["seed"]
+    points = []
+    for run in (out / "runs").glob(f"{method}-{budget:g}-s*-seed{seed}"):
+        res, hist = run / f"result-ft{epochs}.json", run / "history.json"
+        if res.is_file():
+            points.append({**json.loads(res.read_text()),
+                           "history": json.loads(hist.read_text()) if hist.is_file() else None})
+    return sorted(points, key=lambda q: q["strength"])
 
 
 def _finals(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -176,6 +195,22 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
                 lines.append(f"| {ABLATION[m]} | {b:g} | {s} | {f['test_accuracy']:.2f} | "
                              f"{_acc(f['accuracy_after_cut_val'])} | {g['max_gap']:.4f} | {g['mean_gap']:.4f} | "
                              f"{g['cut_jump']:.4f} |")
+    for b in p["ablation_budgets"]:
+        hard = seed0.get(("hard", b), {}).get("short_val_accuracy")
+        pts = [(m, q) for m in ("sparsity", "sparsity_loss_only") for q in sweep_points(out, summary, m, b)]
+        if not pts:
+            continue
+        se = _se(pts[0][1]["val_accuracy"], t["n_val"])
+        lines += ["", f"**What the strength does** at {b:g} (seed {cfg['seed']}; every point the same decay and "
+                  f"{p['sweep_finetune_epochs']} epoch(s) of fine-tuning, validation accuracy, whose standard error "
+                  f"on {t['n_val']:,} images is about {se:.1f} points; gaps as above):", "",
+                  "| variant | strength | validation acc. | largest gap | mean gap | cut jump |", "|---|---|---|---|---|---|"]
+        if hard is not None:
+            lines.append(f"| {ABLATION['hard']} | – | {hard:.2f} | 0.0000 | 0.0000 | 0.0000 |")
+        for m, q in pts:
+            g = mask_gap(q["history"]) if q["history"] else None
+            gaps = f"{g['max_gap']:.4f} | {g['mean_gap']:.4f} | {g['cut_jump']:.4f}" if g else "– | – | –"
+            lines.append(f"| {ABLATION[m]} | {q['strength']:g} | {q['val_accuracy']:.2f} | {gaps} |")
     plan = out / "plan.json"
     if plan.is_file():
         pl = json.loads(plan.read_text())
@@ -245,15 +280,37 @@ def plot_all(out: Path, summary: dict[str, Any]) -> list[str]:
                  for m in ABLATION if (m, budget) in seed0}
         if not hists:
             continue
-        fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+        points = {m: sweep_points(out, summary, m, budget) for m in ("sparsity", "sparsity_loss_only")}
+        fig, ax = plt.subplots(1, 3, figsize=(16, 4.4))
         h0 = next(iter(hists.values()))
         for a, key, label in ((ax[0], "removed_mean", "mean removed mask"), (ax[1], "removed_max", "largest removed mask")):
             a.plot([q / h0["steps"] for q in h0["step"]], h0["ceiling"], "k:", lw=2, label="ceiling s(t)")
-            for m, h in hists.items():
-                a.plot([q / h["steps"] for q in h["step"]], h[key], label=ABLATION[m])
+            if "hard" in hists:
+                h = hists["hard"]
+                a.plot([q / h["steps"] for q in h["step"]], h[key], color="C0", lw=2, label=ABLATION["hard"])
+            for m, style, color in (("sparsity", "-", "C1"), ("sparsity_loss_only", "--", "C2")):
+                for i, q in enumerate(pt for pt in points[m] if pt["history"]):
+                    h = q["history"]
+                    a.plot([st / h["steps"] for st in h["step"]], h[key], style, color=color, lw=1,
+                           alpha=0.35 + 0.65 * (i + 1) / len(points[m]), label=f"{m} λ={q['strength']:g}")
             a.set(xlabel="fraction of the decay phase", title=label)
             a.grid(alpha=0.3)
-            a.legend(fontsize=8)
+            a.legend(fontsize=7)
+        n_val = t["n_val"]
+        for m, style, color in (("sparsity", "o-", "C1"), ("sparsity_loss_only", "s--", "C2")):
+            if points[m]:
+                acc = [q["val_accuracy"] for q in points[m]]
+                ax[2].errorbar([q["strength"] for q in points[m]], acc, yerr=[_se(a, n_val) for a in acc], fmt=style,
+                               color=color, capsize=3, label=ABLATION[m])
+        short = seed0.get(("hard", budget), {}).get("short_val_accuracy")
+        if short is not None:
+            ax[2].axhline(short, color="C0", lw=2, label=ABLATION["hard"])
+            ax[2].axhspan(short - _se(short, n_val), short + _se(short, n_val), color="C0", alpha=0.15)
+        ax[2].set(xscale="log", xlabel="strength λ", ylabel="validation accuracy (%)",
+                  title=f"after the decay + {summary['config']['prune']['sweep_finetune_epochs']} fine-tuning "
+                        f"epoch(s)\nbars: ±1 standard error on {n_val:,} validation images")
+        ax[2].grid(alpha=0.3)
+        ax[2].legend(fontsize=8)
         fig.suptitle(f"sparsity-loss ablation at {budget:g} of the teacher's MACs", fontsize=10)
         fig.tight_layout()
         paths.append(str(plots / f"ablation_{budget:g}.png"))

@@ -55,7 +55,8 @@ def _cfg(root: Path, out: Path, **prune) -> study.StudyConfig:
                      "ablation_budgets": [0.5], "decay_epochs": 1, "finetune_epochs": 2, "sweep_finetune_epochs": 1,
                      "batch_size": 16, "sweep": {"sparsity": [0.01, 0.1], "sparsity_loss_only": [0.1, 1.0],
                                                  "tp_groupnorm": [0.001, 0.01]},
-                     "sweep_extend": 1, "seed_top": 1, "extra_seeds": [1], "tp_iterative_steps": 50, **prune}}
+                     "sweep_extend": 1, "seed_top": 1, "seed_methods": ["hard"], "extra_seeds": [1],
+                     "tp_iterative_steps": 50, **prune}}
     return yaml_config.config_from_dict(study.StudyConfig, raw)
 
 
@@ -72,6 +73,9 @@ def test_config_errors() -> None:
         yaml_config.config_from_dict(study.StudyConfig, {"prune": {"methods": ["foo"]}})
     with pytest.raises(yaml_config.ConfigError, match="give a grid for sparsity"):
         yaml_config.config_from_dict(study.StudyConfig, {"prune": {"methods": ["sparsity"], "sweep": {}}})
+    with pytest.raises(yaml_config.ConfigError, match="seed_methods: 'l1' is not one of the methods"):
+        yaml_config.config_from_dict(study.StudyConfig, {"prune": {"methods": ["hard"], "ablation_budgets": [],
+                                                          "seed_methods": ["l1"]}})
     with pytest.raises(yaml_config.ConfigError, match="not a method with a strength"):
         yaml_config.config_from_dict(study.StudyConfig, {"prune": {"methods": ["hard"], "ablation_budgets": [],
                                                           "sweep": {"hard": [1.0]}}})
@@ -83,7 +87,9 @@ def test_study_end_to_end_and_report(tiny: Path, tmp_path: Path) -> None:
     finals = summary["finals"]
     names = [(f["method"], f["seed"]) for f in finals]
     assert names[:5] == [("sparsity", 0), ("hard", 0), ("tp_l1", 0), ("tp_groupnorm", 0), ("sparsity_loss_only", 0)]
-    assert len(finals) == 6 and finals[5]["seed"] == 1  # the best method again with seed 1
+    best = max((f for f in finals[:4]), key=lambda f: f["val_accuracy"])["method"]
+    again = {f["method"] for f in finals if f["seed"] == 1}  # the best method and `seed_methods` with seed 1
+    assert again == {best, "hard"} and len(finals) == 5 + len(again)
     teacher_macs = summary["teacher_macs"]
     for f in finals:
         assert 0.4 * teacher_macs < f["macs"] <= 0.5 * teacher_macs * 1.03, f["run"]
@@ -91,6 +97,8 @@ def test_study_end_to_end_and_report(tiny: Path, tmp_path: Path) -> None:
         assert "test_accuracy" in f
     by = {f["method"]: f for f in finals if f["seed"] == 0}
     assert by["hard"]["strength"] is None and by["hard"]["sweep"] == []
+    assert 0 <= by["hard"]["short_val_accuracy"] <= 100  # hard decay at the sweep's length, for the ablation
+    assert all("short_val_accuracy" not in f for f in finals if f["method"] != "hard" or f["seed"] != 0)
     assert {p["strength"] for p in by["sparsity"]["sweep"]} >= {0.01, 0.1}
     # the sweep never saw the test set: its points carry validation accuracy only
     for p in (tmp_path / "s" / "runs").glob("*/result-ft1.json"):
@@ -111,7 +119,8 @@ def test_study_end_to_end_and_report(tiny: Path, tmp_path: Path) -> None:
     results, _ = pipeline.prune(demo)
     assert results["teacher"]["reused"] and results["runs"][0]["reload_exact"]
     text = study_report.main(out, measure=True, batch=2, rounds=1, runs=1)
-    for needle in ("Main table", "Strength sweeps", "Seeds", "Sparsity-loss ablation", "speed-up"):
+    for needle in ("Main table", "Strength sweeps", "Seeds", "Sparsity-loss ablation", "speed-up",
+                   "What the strength does", "| ceiling only (hard decay) | – |", "| loss only (no ceiling) | 0.1 |"):
         assert needle in text
     assert "phases on: " in text and "threads (" in text  # where every decay and fine-tuning ran
     page = tmp_path / "docs" / "results.md"
