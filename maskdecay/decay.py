@@ -11,6 +11,7 @@ import torch.distributed as dist
 from .importance import member_weights
 from .masks import ChannelMasks
 from .planning import Plan
+from .planning import plan as make_plan
 from .regularizers import Regularizer, get_regularizer
 from .schedules import ScheduleLike, evaluate, get_schedule
 
@@ -48,17 +49,25 @@ class MaskDecay:
             below 1, where it changes nothing).
         record_every: history resolution in steps (default: about 200 points over the phase).
         scaler: a ``torch.amp.GradScaler`` if you use one, so mask gradients are unscaled.
+        select: which units go. ``"plan"``: the plan's removed units, known from step 0 (needed by the schedule-
+            driven regularizers). ``"cut"``: the plan's widths, but the units of each group are chosen at step N as
+            those the penalty shrank most (smallest :meth:`~maskdecay.Regularizer.unit_scores`: |m| for L1/L2, |gamma|
+            for BN-L1, weight norm for group lasso), as sparsity-training methods prune; the regularizer's scope must
+            be ``"all"``. The new plan replaces :attr:`plan` (and ``masks.plan``), so :func:`maskdecay.export`
+            removes the chosen units.
     """
 
     def __init__(self, masks: ChannelMasks, plan: Plan, steps: int, schedule: ScheduleLike = "cosine",
                  regularizer: str | Regularizer = "sparsity", mask_lr: float = 0.05, record_every: int | None = None,
-                 scaler: Any = None, mask_grad_clip: float | None = None) -> None:
+                 scaler: Any = None, mask_grad_clip: float | None = None, select: str = "plan") -> None:
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if mask_lr <= 0:
             raise ValueError(f"mask_lr must be > 0, got {mask_lr}")
         if mask_grad_clip is not None and not mask_grad_clip > 0:
             raise ValueError(f"mask_grad_clip must be > 0 or None, got {mask_grad_clip}")
+        if select not in ("plan", "cut"):
+            raise ValueError(f"select must be 'plan' or 'cut', got {select!r}")
         plan.check(masks)
         self.masks = masks
         self.plan = plan
@@ -79,6 +88,15 @@ class MaskDecay:
             r[torch.tensor(plan.removed(g.name), dtype=torch.long, device=device)] = True
             self.removed_masks.append(r)
         self.regularizer.bind(self)
+        self.select = select
+        self._plan0 = plan
+        if select == "cut":
+            reg = self.regularizer
+            scores = type(reg).unit_scores is not Regularizer.unit_scores
+            if reg.ceiling or reg.follows_schedule or reg.scope != "all" or not scores:
+                raise ValueError(f"select='cut' needs a regularizer that shrinks every unit (scope 'all') and "
+                                 f"follows no schedule (l1, l2, bn, group_lasso); {reg.name!r} with scope "
+                                 f"{reg.scope!r} does not")
         self.learnable = [self.regularizer.in_scope(i) if self.regularizer.learns_masks else torch.zeros_like(r)
                           for i, r in enumerate(self.removed_masks)]
         for v, lrn in zip(masks.values, self.learnable):
@@ -90,7 +108,7 @@ class MaskDecay:
             "mask_lr": self.mask_lr, "mask_grad_clip": self.mask_grad_clip, "plan_ratio": plan.ratio,
             "step": [], "ceiling": [], "penalty": [],
             "removed_mean": [], "removed_max": [], "kept_mean": [], "kept_min": [], "removed_effective": [],
-            "traces": {label: [] for label, _, _ in self._traced}, "cut_jump": None}
+            "traces": {label: [] for label, _, _ in self._traced}, "cut_jump": None, "select": select}
         self._fixed = [~lrn & ~r for lrn, r in zip(self.learnable, self.removed_masks)]
         self._last_penalty = torch.zeros((), device=device)
         self._skipped = torch.zeros((), dtype=torch.long, device=device)
@@ -140,7 +158,12 @@ class MaskDecay:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict` (same plan and number of steps required)."""
-        if Plan.from_dict(state["plan"]).keep != self.plan.keep or state["steps"] != self.steps:
+        saved = Plan.from_dict(state["plan"])
+        if int(state["t"]) >= self.steps and self.select == "cut":  # a finished decay chose its own units
+            if saved.widths != self._plan0.widths:
+                raise ValueError("decay state was saved with another plan")
+            self._adopt(saved)
+        elif saved.keep != self.plan.keep or state["steps"] != self.steps:
             raise ValueError("decay state was saved with another plan or number of steps")
         if state["regularizer"]["name"] != self.regularizer.name:
             raise ValueError(f"decay state was saved with regularizer {state['regularizer']['name']!r}, "
@@ -184,7 +207,29 @@ class MaskDecay:
                 v.copy_(torch.where(removed, v.clamp(0.0, s), v))
             v.masked_fill_(fixed, 1.0)
 
+    def _select(self) -> None:
+        """``select="cut"``: keep the plan's widths, remove the units with the smallest penalised quantity."""
+        reg = self.regularizer
+        scores = [reg.unit_scores(g.index) for g in self.masks.groups]
+        fallback = [torch.ones(g.size, dtype=torch.float64) for g in self.masks.groups]
+        chosen = make_plan(self.masks, widths=self._plan0.widths,
+                           importance=lambda g: scores[g.index] if scores[g.index] is not None else fallback[g.index])
+        chosen.meta["importance"] = f"{reg.name} penalty, at the end of the decay"
+        before = sum(len(self._plan0.removed(g.name)) for g in self.masks.groups)
+        same = sum(len(set(self._plan0.removed(g.name)) & set(chosen.removed(g.name))) for g in self.masks.groups)
+        self.history["reselected"] = 1.0 - same / before if before else 0.0
+        self._adopt(chosen)
+
+    def _adopt(self, plan: Plan) -> None:
+        self.plan = plan
+        self.masks.plan = plan
+        for r, g in zip(self.removed_masks, self.masks.groups):
+            r.zero_()
+            r[torch.tensor(plan.removed(g.name), dtype=torch.long, device=r.device)] = True
+
     def _cut(self) -> None:
+        if self.select == "cut":
+            self._select()
         jump = 0.0
         for v, removed in zip(self.masks.values, self.removed_masks):
             if bool(removed.any()):

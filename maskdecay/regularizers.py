@@ -37,6 +37,9 @@ class Regularizer:
         learns_masks: masks get gradient steps (task loss + penalty) in ``MaskDecay.step``.
         ceiling: removed masks are clamped to ``[0, s(t)]`` after every step.
         follows_schedule: removed masks are set to ``s(t)`` (no learning).
+
+    A regularizer that shrinks one quantity per unit also implements :meth:`unit_scores`, so that
+    ``MaskDecay(select="cut")`` can remove the units it shrank most.
     """
 
     name = "base"
@@ -69,6 +72,11 @@ class Regularizer:
     def penalty(self, t: int, s: float) -> torch.Tensor:
         """The penalty to add to the loss at step ``t`` (ceiling ``s``)."""
         raise NotImplementedError
+
+    def unit_scores(self, group_index: int) -> torch.Tensor | None:
+        """What this penalty shrinks, one non-negative score per unit of a group (detached, CPU), or None when it
+        does not shrink a per-unit quantity (then it cannot choose the units to remove)."""
+        return None
 
     def config(self) -> dict:
         """Name and hyper-parameters, for logs and checkpoints."""
@@ -139,6 +147,11 @@ class _MaskNorm(Regularizer):
             total = total + ((v.abs() if self.power == 1 else v.pow(2)) * sel).sum()
         return self.strength * total
 
+    def unit_scores(self, group_index: int) -> torch.Tensor:
+        """|m| of every mask of the group."""
+        assert self.decay is not None
+        return self.decay.masks.values[group_index].detach().abs().cpu()
+
 
 class L1(_MaskNorm):
     """``strength * sum |m|`` over the masks in scope; constant strength; removed masks are cut to 0 at step N."""
@@ -175,6 +188,19 @@ class BNScaleL1(Regularizer):
                     total = total + (w.abs() * sel[m.units].to(w.device).unsqueeze(1)).sum()
         return self.strength * total
 
+    @torch.no_grad()
+    def unit_scores(self, group_index: int) -> torch.Tensor | None:
+        """Sum of |gamma| over the group's norm layers, per unit (None for a group without one)."""
+        assert self.decay is not None
+        g = self.decay.masks.groups[group_index]
+        total = torch.zeros(g.size, dtype=torch.float64)
+        found = False
+        for m in g.members:
+            if isinstance(m.module, NORM_TYPES) and getattr(m.module, "weight", None) is not None:
+                total.index_add_(0, m.units.cpu(), member_weights(m).detach().abs().sum(1).double().cpu())
+                found = True
+        return total if found else None
+
 
 class GroupLasso(Regularizer):
     """``strength * sum_units ||all weights of the unit||_2`` (output rows, input columns, norm scales of every
@@ -187,13 +213,24 @@ class GroupLasso(Regularizer):
         assert self.decay is not None
         total = self.decay.zero()
         for g in self.decay.masks.groups:
-            sq = torch.zeros(g.size, device=total.device)
-            for m in g.members:
-                w = member_weights(m)
-                if w is not None:
-                    sq = sq.index_add(0, m.units.to(sq.device), w.pow(2).sum(1).float())
-            total = total + (torch.sqrt(sq + 1e-12) * self.in_scope(g.index)).sum()
+            total = total + (self._norms(g.index) * self.in_scope(g.index)).sum()
         return self.strength * total
+
+    def _norms(self, group_index: int) -> torch.Tensor:
+        """The L2 norm of every unit's weights (differentiable)."""
+        assert self.decay is not None
+        g = self.decay.masks.groups[group_index]
+        sq = torch.zeros(g.size, device=self.decay.masks.values[group_index].device)
+        for m in g.members:
+            w = member_weights(m)
+            if w is not None:
+                sq = sq.index_add(0, m.units.to(sq.device), w.pow(2).sum(1).float())
+        return torch.sqrt(sq + 1e-12)
+
+    @torch.no_grad()
+    def unit_scores(self, group_index: int) -> torch.Tensor:
+        """The L2 norm of every unit's weights."""
+        return self._norms(group_index).cpu()
 
 
 REGULARIZERS: dict[str, type[Regularizer]] = {

@@ -235,3 +235,70 @@ def test_decay_steps_do_not_synchronise_with_the_host(reg: str) -> None:
             decay.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@torch.no_grad()
+def _shrink(reg, masks, g, units: list[int]) -> None:
+    """Scale down, for ``units`` of group ``g``, the quantity ``reg`` penalises (masks, norm scales, or every weight
+    producing or reading the unit)."""
+    if isinstance(reg, (md.L1, md.L2)):
+        masks.values[g.index][units] = 1e-3
+        return
+    for m in g.members:
+        w = getattr(m.module, "weight", None)
+        if w is None or (isinstance(reg, md.BNScaleL1) and w.dim() != 1):
+            continue
+        dim = 0 if (w.dim() == 1 or m.role == "out" or getattr(m.module, "groups", 1) > 1) else 1
+        sel = torch.isin(m.units, torch.tensor(units))
+        w.data.transpose(0, dim)[m.idxs[sel]] *= 1e-3
+
+
+@pytest.mark.parametrize("reg", [md.L1(0.05), md.L2(0.05), md.BNScaleL1(0.05), md.GroupLasso(0.05)])
+def test_select_at_cut_removes_what_the_penalty_shrank(reg) -> None:
+    """``select="cut"``: the plan's widths, the units with the smallest penalised quantity; the student is exact."""
+    torch.manual_seed(0)
+    model = resnet_cifar(8, width=8).train()
+    x = torch.randn(8, 3, 32, 32)
+    masks = md.ChannelMasks(model, x[:1])
+    plan = md.plan(masks, macs=0.5)
+    decay = md.MaskDecay(masks, plan, steps=4, regularizer=reg, select="cut")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    while not decay.done:
+        loss = model(x).pow(2).mean() + decay.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if decay.t == 3:  # make the plan's kept units the ones the penalty shrank most
+            for g in masks.groups:
+                _shrink(reg, masks, g, plan.keep[g.name])
+        decay.step()
+    assert decay.plan.widths == plan.widths and masks.plan is decay.plan
+    assert decay.history["select"] == "cut" and decay.history["reselected"] > 0.5
+    for g in masks.groups:
+        scores = reg.unit_scores(g.index)
+        removed, kept = decay.plan.removed(g.name), decay.plan.keep[g.name]
+        if removed and scores is not None:
+            assert float(scores[removed].max()) <= float(scores[kept].min()) + 1e-12, g.name
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        student = md.export(model, masks)
+        assert torch.allclose(student(x), ref, atol=1e-5)
+    assert md.count_macs(student, x[:1]) == pytest.approx(plan.macs, rel=1e-6)
+
+
+def test_select_at_cut_errors_and_resume() -> None:
+    model, teacher, x, masks, decay, opt = _setup(md.L1(0.05), steps=3)
+    plan0 = decay.plan
+    for reg in (md.SparsityLoss(), "hard", md.L1(0.05, scope="removed")):
+        with pytest.raises(ValueError, match="select='cut' needs"):
+            md.MaskDecay(masks, plan0, steps=3, regularizer=reg, select="cut")
+    with pytest.raises(ValueError, match="select must be"):
+        md.MaskDecay(masks, plan0, steps=3, select="end")
+    decay = md.MaskDecay(masks, plan0, steps=3, regularizer=md.L1(0.05), select="cut")
+    while not decay.done:
+        _train_step(model, teacher, x, decay, opt)
+    state = decay.state_dict()
+    again = md.MaskDecay(masks, plan0, steps=3, regularizer=md.L1(0.05), select="cut")
+    again.load_state_dict(state)  # a finished decay resumes with the units it chose
+    assert again.done and again.plan.keep == decay.plan.keep and masks.plan is again.plan

@@ -66,6 +66,8 @@ STUDY_METHODS: tuple[str, ...] = ("sparsity", "hard", "l1", "l2", "bn_l1", "grou
                                   "sparsity_loss_only")
 """Methods of the study; ``sparsity_loss_only`` is the sparsity loss without its ceiling (the ablation)."""
 NO_STRENGTH: tuple[str, ...] = ("hard", "tp_l1")
+SELECTING: tuple[str, ...] = ("l1", "l2", "bn_l1", "group_lasso")
+"""Penalties that can choose the units they remove at the cut (``prune.penalty_selects``)."""
 
 
 # ---------------------------------------------------------------------------------------------------------- config
@@ -116,6 +118,7 @@ class StudyPrune:
     seed_methods: list[str] = field(default_factory=list)
     extra_seeds: list[int] = field(default_factory=lambda: [1, 2])
     tp_iterative_steps: int = 400
+    penalty_selects: bool = True
 
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in STUDY_METHODS]
@@ -214,11 +217,22 @@ def _read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_json(path: Path, obj: Any, indent: int | None = 1) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one name per process: workers may write at once
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(json.dumps(obj, indent=indent))
     tmp.replace(path)
+
+
+def compact(obj: Any, digits: int = 6) -> Any:
+    """``obj`` with every float rounded to ``digits`` significant digits (mask histories are kept with the code)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, dict):
+        return {k: compact(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [compact(v, digits) for v in obj]
+    return obj
 
 
 def _where(device: str) -> str:
@@ -369,13 +383,18 @@ class Study:
             "run": run.__dict__, "arch": self.cfg.arch, "teacher": _teacher_key(self.cfg),
             "decay_epochs": p.decay_epochs, "batch_size": p.batch_size, "lr": p.lr, "momentum": p.momentum,
             "weight_decay": p.weight_decay, "importance": p.importance, "val_size": self.cfg.data.val_size,
-            **({"channels_last": True} if self.cfg.channels_last else {})}))
+            **({"channels_last": True} if self.cfg.channels_last else {}),
+            **({"select": "cut"} if self._select(run) == "cut" else {})}))
+
+    def _select(self, run: Run) -> str:
+        return "cut" if self.p.penalty_selects and run.method in SELECTING else "plan"
 
     def _masked(self, run: Run) -> tuple[nn.Module, md.ChannelMasks, md.Plan, md.MaskDecay]:
         model = copy.deepcopy(self.teacher).to(self.cfg.device, memory_format=self.fmt)
         masks = md.ChannelMasks(model, example_input(self.cfg.device), ignored_layers=[model.fc])
         plan = md.plan(masks, macs=run.budget, importance=self.p.importance)
-        decay = md.MaskDecay(masks, plan, steps=self.decay_steps, schedule="cosine", regularizer=regularizer(run))
+        decay = md.MaskDecay(masks, plan, steps=self.decay_steps, schedule="cosine", regularizer=regularizer(run),
+                             select=self._select(run))
         return model, masks, plan, decay
 
     def _opt(self, model: nn.Module) -> torch.optim.SGD:
@@ -422,7 +441,8 @@ class Study:
             train_steps(model, opt, stream, start, self.decay_steps, lambda i: 1.0, self.p.lr, save,
                         f"{run.name} decay", penalty=decay.penalty, after_step=decay.step, amp=self.cfg.amp)
             student = md.export(model, masks, optimizer=opt)
-            _write_json(self._dir(run) / "history.json", decay.history)
+            plan = decay.plan  # with select="cut", the units the penalty chose
+            _write_json(self._dir(run) / "history.json", compact(decay.history), indent=None)
             info["cut_jump"] = decay.history.get("cut_jump") or 0.0
             payload = {"format": md.checkpoint.FORMAT, "version": md.checkpoint.VERSION, "plan": plan.to_dict(),
                        "state_dict": student.state_dict(), "config": {"arch": self.cfg.arch}}

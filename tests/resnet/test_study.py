@@ -2,6 +2,7 @@
 ablation, a kill-and-resume that gives bit-identical results, and the report."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,18 @@ def test_killed_run_resumes_bit_identically(tiny: Path, tmp_path: Path, monkeypa
     a = torch.load(tmp_path / "ref" / "runs" / ref["run"] / "student.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "cut" / "runs" / got["run"] / "student.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_penalties_choose_the_units_they_remove(tiny: Path, tmp_path: Path) -> None:
+    """With ``penalty_selects`` the L1 run removes the units whose masks it shrank most, at the plan's widths."""
+    prune = {"methods": ["l1"], "ablation_budgets": [], "seed_top": 0, "seed_methods": [], "sweep": {"l1": [0.05]}}
+    final = study.run(_cfg(tiny, tmp_path / "l1", **prune))["finals"][0]
+    run = tmp_path / "l1" / "runs" / final["run"]
+    history = json.loads((run / "history.json").read_text())
+    assert history["select"] == "cut" and 0.0 <= history["reselected"] <= 1.0
+    assert json.loads((run / "result-ft2.json").read_text())["key"]["select"] == "cut"  # results of the old mode differ
+    student = study.load_student(run, "resnet8")
+    assert md.count_macs(student, torch.randn(1, 3, 32, 32)) == final["macs"]
 
 
 def test_carve_uneven_classes() -> None:
