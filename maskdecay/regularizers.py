@@ -14,7 +14,8 @@ regularizer        penalty                          masks learned       removed 
 =================  ===============================  ==================  =====================  ===================
 
 ``scope`` is ``"all"`` (every unit of every group, as these baselines are used in the literature) or ``"removed"``
-(only the units the plan drops). The sparsity loss is our design, not the paper's formula (which is not public):
+(only the units the plan drops). With ``scope="all"``, L1, L2, BN-L1 and group lasso can also choose which units go:
+``MaskDecay(select="cut")`` keeps the plan's widths and removes the units they shrank most (:meth:`Regularizer.unit_scores`). The sparsity loss is our design, not the paper's formula (which is not public):
 see ``docs/sparsity_loss.md``.
 """
 from __future__ import annotations

@@ -21,6 +21,10 @@ cores). Each piece (the teacher, one run) is claimed through a lock file in ``st
 processes skip it, take the next free piece, and come back for the results they need. The results do not depend on
 how many processes ran.
 
+With ``prune.penalty_selects`` (the default), L1, L2, BN-L1 and group lasso choose the units they remove
+(``md.MaskDecay(select="cut")``: the plan's widths, the units they shrank most); the sparsity loss and hard decay
+remove the plan's units, chosen on the teacher.
+
 Every method gets the same teacher, budget, total steps, batch size, LR schedule (constant ``lr`` while decaying,
 then a cosine to 0 over the fine-tuning) and SGD settings. ``tp_l1`` prunes at step 0 and fine-tunes for all the
 steps under the same LR schedule.
