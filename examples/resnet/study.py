@@ -698,8 +698,10 @@ def fit_schedule(cfg: StudyConfig, data: Data) -> dict[str, Any]:
                               + p.finetune_epochs * t_student) for m in methods)
         left = cfg.fit_minutes * 60 - teacher_s - len(methods) * 3 * t_eval
         if left <= per_unit / max(p.decay_epochs, p.finetune_epochs):
-            raise ValueError(f"fit_minutes: the teacher alone needs {teacher_s / 60:.1f} of {cfg.fit_minutes:g} "
-                             f"minutes ({t_teacher * 1e3:.1f} ms per step): lower teacher.epochs or raise fit_minutes")
+            raise ValueError(
+                f"fit_minutes: {cfg.fit_minutes:g} minutes leave {max(left, 0.0) / 60:.2f} after the teacher "
+                f"({teacher_s / 60:.2f} min at {t_teacher * 1e3:.1f} ms per step) and the evaluations, less than one "
+                f"epoch of each of the {len(methods)} pruning runs needs: lower teacher.epochs or raise fit_minutes")
         k = left / per_unit
         plan = {"seconds_per_step": {"teacher": t_teacher, "decay": t_decay, "student": t_student},
                 "eval_seconds": t_eval, "teacher_minutes": teacher_s / 60,

@@ -23,13 +23,22 @@ import maskdecay as md
 from .data import DATA_NOTE
 from .models import build
 from .report import latencies
-from .study import load_student
+from .study import SELECTING, load_student
 
 #: the lines of a Markdown page between which ``--docs`` puts the report
 BEGIN, END = "<!-- study-report:begin -->", "<!-- study-report:end -->"
 
 ABLATION = {"hard": "ceiling only (hard decay)", "sparsity_loss_only": "loss only (no ceiling)",
             "sparsity": "loss + ceiling (sparsity loss)"}
+
+
+def chosen_by(method: str, prune: dict[str, Any]) -> str:
+    """Who picks the channels a method removes (a column of the main table)."""
+    if method.startswith("tp_"):
+        return "TP ranking, after sparse training" if method == "tp_groupnorm" else "TP ranking, on the teacher"
+    if method in SELECTING and prune.get("penalty_selects", False):
+        return "the penalty, at the cut"
+    return f"plan ({prune['importance']}), on the teacher"
 
 
 def _acc(v: float | None) -> str:
@@ -141,24 +150,25 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
              f"{summary['teacher_macs'] / 1e6:.2f} M MACs.", ""]
     seed0, by_seed = _seed0(summary), _by_seed(summary)
     methods = [m for m in p["methods"]]
-    head = "| method | budget | strength | test acc. | acc. after cut (val) | MACs | params |"
-    sep = "|---|---|---|---|---|---|---|"
+    head = "| method | channels chosen by | budget | strength | test acc. | acc. after cut (val) | MACs | params |"
+    sep = "|---|---|---|---|---|---|---|---|"
     if lat:
         head += " CPU latency | speed-up |"
         sep += "---|---|"
     lines += ["**Main table** (seed 0; test accuracy on the full test split; strength chosen on validation):", "",
               head, sep]
     if lat:
-        lines.append(f"| teacher | 1 | – | {last['test_accuracy']:.2f} | – | {summary['teacher_macs'] / 1e6:.2f} M | "
+        lines.append(f"| teacher | – | 1 | – | {last['test_accuracy']:.2f} | – | {summary['teacher_macs'] / 1e6:.2f} M | "
                      f"– | {lat['teacher']:.2f} ms | 1.00 |")
     for budget in p["budgets"]:
         for m in methods:
             f = seed0.get((m, budget))
             if f is None:
-                lines.append(f"| {m} | {budget:g} | (not run yet) | | | | |" + (" | |" if lat else ""))
+                lines.append(f"| {m} | {chosen_by(m, p)} | {budget:g} | (not run yet) | | | | |" + (" | |" if lat else ""))
                 continue
             s = "–" if f["strength"] is None else f"{f['strength']:g}"
-            row = (f"| {m} | {budget:g} | {s} | {f['test_accuracy']:.2f} | {_acc(f['accuracy_after_cut_val'])} | "
+            row = (f"| {m} | {chosen_by(m, p)} | {budget:g} | {s} | {f['test_accuracy']:.2f} | "
+                   f"{_acc(f['accuracy_after_cut_val'])} | "
                    f"{f['macs'] / 1e6:.2f} M | {f['params'] / 1e3:.0f} k |")
             if lat:
                 row += f" {lat[f['run']]:.2f} ms | {lat['teacher'] / lat[f['run']]:.2f} |"

@@ -145,7 +145,7 @@ class _Killed(Exception):
 
 
 def test_killed_run_resumes_bit_identically(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    prune = {"methods": ["sparsity"], "ablation_budgets": [], "seed_top": 0, "decay_epochs": 2}
+    prune = {"methods": ["sparsity"], "ablation_budgets": [], "seed_top": 0, "seed_methods": [], "decay_epochs": 2}
     ref_cfg = _cfg(tiny, tmp_path / "ref", **prune)
     ref = study.run(ref_cfg)["finals"][0]
 
@@ -192,9 +192,12 @@ def test_carve_uneven_classes() -> None:
     assert all(abs(int(c) - 7 * n / 40) < 1 for c, n in zip(torch.bincount(val.y), (9, 10, 10, 11)))
 
 
-def test_gpu_recipe_smoke_on_cpu(tiny: Path, tmp_path: Path) -> None:
-    """The GPU recipe's config, run on the CPU at a tiny scale: the schedule is sized from measured step times
+def test_gpu_recipe_smoke_on_cpu(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU recipe's config, run on the CPU at a tiny scale: the schedule is sized from the step times
     (plan.json), bf16 autocast trains, no validation split, every method finishes at its budget."""
+    # the probe runs as on a GPU, but reports a fixed step time: the schedule then does not depend on this machine
+    probe = study._seconds_per_step
+    monkeypatch.setattr(study, "_seconds_per_step", lambda *a, **k: (probe(*a, n=2, **k), 0.4)[1])
     root = Path(__file__).resolve().parents[2]
     cfg = study.load_config(root / "examples/resnet/configs/resnet56_gpu.yaml", [
         "device=cpu", "channels_last=false", "arch=resnet8", f"data.path={tiny}", "data.cache=false",
@@ -202,13 +205,13 @@ def test_gpu_recipe_smoke_on_cpu(tiny: Path, tmp_path: Path) -> None:
         "fit_minutes=0.5", "prune.tp_iterative_steps=50"])
     assert cfg.amp and cfg.data.val_size == 0
     summary = study.run(cfg)
-    plan = (tmp_path / "gpu" / "plan.json").read_text()
-    assert '"decay_epochs"' in plan and '"seconds_per_step"' in plan
+    plan = json.loads((tmp_path / "gpu" / "plan.json").read_text())
+    assert plan["seconds_per_step"]["decay"] == 0.4 and plan["decay_epochs"] == plan["finetune_epochs"] == 1
     finals = {f["method"]: f for f in summary["finals"]}
     assert set(finals) == {"sparsity", "hard", "tp_groupnorm"}
     for f in finals.values():
         assert f["val_accuracy"] is None and f["macs"] <= 0.47 * summary["teacher_macs"] * 1.03
     text = study_report.main(tmp_path / "gpu", measure=False)  # a report without a validation split
-    assert "| sparsity | 0.47 | 0.01 |" in text
+    assert "| sparsity | plan (l1), on the teacher | 0.47 | 0.01 |" in text
     with pytest.raises(yaml_config.ConfigError, match="one strength per method"):
         study.load_config(root / "examples/resnet/configs/resnet56_gpu.yaml", ["prune.sweep.sparsity=[0.1, 1.0]"])
