@@ -37,6 +37,24 @@ def step(t: int, n: int, stages: int = 4) -> float:
 SCHEDULES: dict[str, Schedule] = {"linear": linear, "cosine": cosine, "exp": exp, "step": step}
 
 
+def within(fraction: float, schedule: ScheduleLike = "cosine") -> Schedule:
+    """``schedule`` compressed into the first ``fraction`` of the phase (exactly 0 from ``fraction * N`` on): the
+    removed channels go early and the network trains without them for the rest of the decay phase.
+    ``within(1.0, s)`` is ``s``."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    base = get_schedule(schedule)
+    if fraction == 1.0:
+        return base
+
+    def compressed(t: int, n: int) -> float:
+        end = max(1, round(fraction * n))
+        return 0.0 if t >= end else float(base(t, end))
+
+    compressed.__name__ = f"{getattr(base, '__name__', 'callable')}_within_{fraction:g}"
+    return compressed
+
+
 def get_schedule(schedule: ScheduleLike) -> Schedule:
     """A schedule by name (``linear``, ``cosine``, ``exp``, ``step``) or a callable ``f(t, N) -> [0, 1]``."""
     if callable(schedule):

@@ -302,3 +302,18 @@ def test_select_at_cut_errors_and_resume() -> None:
     again = md.MaskDecay(masks, plan0, steps=3, regularizer=md.L1(0.05), select="cut")
     again.load_state_dict(state)  # a finished decay resumes with the units it chose
     assert again.done and again.plan.keep == decay.plan.keep and masks.plan is again.plan
+
+
+def test_schedule_within_a_fraction_of_the_phase() -> None:
+    fast = schedules.within(0.25, "cosine")
+    assert fast.__name__ == "cosine_within_0.25"
+    assert [schedules.evaluate(fast, t, 100) for t in (0, 25, 60, 100)] == [1.0, 0.0, 0.0, 0.0]
+    assert schedules.evaluate(fast, 10, 100) == pytest.approx(schedules.cosine(10, 25))
+    assert schedules.within(1.0, "linear") is schedules.linear
+    with pytest.raises(ValueError, match="fraction"):
+        schedules.within(0.0)
+    model, teacher, x, masks, decay, opt = _setup("hard", steps=8, schedule=fast)
+    while not decay.done:
+        _train_step(model, teacher, x, decay, opt)
+        if decay.t >= 2:  # the removed masks are gone after a quarter of the steps
+            assert float(_removed_kept(masks, decay)[0].abs().max()) == 0.0

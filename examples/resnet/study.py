@@ -6,8 +6,9 @@ command can be killed at any time and started again, on another machine too, onc
 1. **Teacher**: ``model.arch`` on the training split minus a class-stratified validation split of ``data.val_size``
    images, ``teacher.epochs`` epochs (warm-up + cosine), a checkpoint every epoch, the learning curve (train loss,
    validation and test accuracy per epoch) in ``teacher.json``.
-2. For each budget, each method: its **strength sweep** on the validation split (mask-decay penalties and
-   Torch-Pruning's GroupNorm ``reg``; ``hard`` and ``tp_l1`` have none): ``decay_epochs`` of decay (or sparse
+2. For each budget, each method: its **strength sweep** on the validation split (mask-decay penalties,
+   Torch-Pruning's GroupNorm ``reg``, and for ``hard`` the fraction of the decay phase its cosine takes, 1 when not
+   swept; ``tp_l1`` has none): ``decay_epochs`` of decay (or sparse
    training) and the cut, then ``sweep_finetune_epochs`` of fine-tuning, scored on validation accuracy. When the best
    value sits at an edge of the grid, the grid is extended by one more factor in that direction (up to
    ``sweep_extend`` times). Then the **final run** at the chosen strength: the same decay (the very same steps and
@@ -69,7 +70,9 @@ log = logging.getLogger(__name__)
 STUDY_METHODS: tuple[str, ...] = ("sparsity", "hard", "l1", "l2", "bn_l1", "group_lasso", "tp_l1", "tp_groupnorm",
                                   "sparsity_loss_only")
 """Methods of the study; ``sparsity_loss_only`` is the sparsity loss without its ceiling (the ablation)."""
-NO_STRENGTH: tuple[str, ...] = ("hard", "tp_l1")
+NO_STRENGTH: tuple[str, ...] = ("tp_l1",)
+"""Methods without a strength; hard decay's "strength" is the fraction of the decay phase its cosine takes
+(``md.schedules.within``), 1 by default."""
 SELECTING: tuple[str, ...] = ("l1", "l2", "bn_l1", "group_lasso")
 """Penalties that can choose the units they remove at the cut (``prune.penalty_selects``)."""
 
@@ -136,8 +139,10 @@ class StudyPrune:
                 raise ConfigError(f"sweep: {k!r} is not a method with a strength")
             if len(grid) < 1 or any(v <= 0 for v in grid):
                 raise ConfigError(f"sweep.{k}: a list of positive strengths")
+            if k == "hard" and any(v > 1 for v in grid):
+                raise ConfigError("sweep.hard: fractions of the decay phase, in (0, 1]")
         wanted = [*self.methods, *(["sparsity_loss_only"] if self.ablation_budgets else [])]
-        missing = [m for m in wanted if m not in NO_STRENGTH and m not in self.sweep]
+        missing = [m for m in wanted if m not in (*NO_STRENGTH, "hard") and m not in self.sweep]
         if missing:
             raise ConfigError(f"sweep: give a grid for {', '.join(missing)}")
         for name in ("budgets", "sweep_budgets", "ablation_budgets"):
@@ -397,7 +402,8 @@ class Study:
         model = copy.deepcopy(self.teacher).to(self.cfg.device, memory_format=self.fmt)
         masks = md.ChannelMasks(model, example_input(self.cfg.device), ignored_layers=[model.fc])
         plan = md.plan(masks, macs=run.budget, importance=self.p.importance)
-        decay = md.MaskDecay(masks, plan, steps=self.decay_steps, schedule="cosine", regularizer=regularizer(run),
+        schedule = md.schedules.within(run.strength) if run.method == "hard" and run.strength else "cosine"
+        decay = md.MaskDecay(masks, plan, steps=self.decay_steps, schedule=schedule, regularizer=regularizer(run),
                              select=self._select(run))
         return model, masks, plan, decay
 
@@ -555,9 +561,9 @@ class Study:
         """Sweep ``method``'s strength at ``budget``; returns the chosen strength and the sweep points."""
         if method in NO_STRENGTH:
             return None, []
-        if len(self.p.sweep[method]) == 1:  # nothing to choose
-            return self.p.sweep[method][0], []
-        grid = sorted(self.p.sweep[method])
+        grid = sorted(self.p.sweep.get(method, [1.0]))  # hard decay: over the whole phase unless swept
+        if len(grid) == 1:  # nothing to choose
+            return grid[0], []
         factor = grid[-1] / grid[-2] if len(grid) > 1 else 10.0
         results: dict[float, dict[str, Any]] = {}
         extended = 0
@@ -568,6 +574,8 @@ class Study:
             best = grid[acc.index(max(acc))]  # the smallest of tied strengths
             low, high = len(grid) > 1 and acc[0] > acc[1], len(grid) > 1 and acc[-1] > acc[-2]
             if extended >= self.p.sweep_extend or not ((best == grid[0] and low) or (best == grid[-1] and high)):
+                break
+            if method == "hard" and best == grid[-1]:  # a decay cannot take more than the whole phase
                 break
             grid = [grid[0] / factor, *grid] if best == grid[0] else [*grid, grid[-1] * factor]
             grid = [float(f"{s:.6g}") for s in grid]
@@ -580,17 +588,9 @@ class Study:
         return self.sweep(method, budget if swept else self.p.sweep_budgets[0], self.cfg.seed)
 
     def final(self, method: str, budget: float, seed: int) -> dict[str, Any]:
-        """The final run of ``method`` at ``budget``. Hard decay at an ablation budget is also scored after the
-        sweep's short fine-tuning (``short_val_accuracy``), the point the sparsity loss's strengths are compared to."""
         strength, points = self.chosen(method, budget)
-        run = Run(method, budget, strength, seed)
-        short = None
-        if (method == "hard" and budget in self.p.ablation_budgets and seed == self.cfg.seed
-                and self.data.val is not None):
-            short = self.finetune(run, self.p.sweep_finetune_epochs, False)["val_accuracy"]
-        result = self.finetune(run, self.p.finetune_epochs, True)
-        return {**result, "sweep": [{"strength": r["strength"], "val_accuracy": r["val_accuracy"]} for r in points],
-                **({"short_val_accuracy": short} if short is not None else {})}
+        result = self.finetune(Run(method, budget, strength, seed), self.p.finetune_epochs, True)
+        return {**result, "sweep": [{"strength": r["strength"], "val_accuracy": r["val_accuracy"]} for r in points]}
 
     def all(self) -> dict[str, Any]:
         """Every piece, in the order of the module docstring; returns the finals (``summary.json``).

@@ -71,11 +71,11 @@ def load(out: Path) -> dict[str, Any]:
 
 
 def mask_gap(history: dict[str, Any]) -> dict[str, float]:
-    """How far the removed masks ran below the ceiling: the largest and the mean gap ``ceiling - removed_mean`` over
-    the recorded steps before the cut, and the largest removed mask just before it (what the cut removed)."""
-    steps = history["step"]
-    pre = [i for i, st in enumerate(steps) if st < history["steps"]]
-    gaps = [history["ceiling"][i] - history["removed_mean"][i] for i in pre]
+    """How far the removed masks ran below the study's cosine over the whole decay phase: the largest and the mean
+    gap ``cosine - removed_mean`` over the recorded steps before the cut, and the largest removed mask just before it
+    (what the cut removed)."""
+    n = history["steps"]
+    gaps = [md.schedules.cosine(st, n) - r for st, r in zip(history["step"], history["removed_mean"]) if st < n]
     return {"max_gap": max(gaps, default=0.0), "mean_gap": statistics.fmean(gaps) if gaps else 0.0,
             "cut_jump": history.get("cut_jump") or 0.0}
 
@@ -190,8 +190,8 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
                          f"{_pm([f['test_accuracy'] for f in fs])} | {_pm([f['val_accuracy'] for f in fs])} |")
     abl = [(m, b) for (m, b) in seed0 if m in ABLATION and b in p["ablation_budgets"]]
     if abl:
-        lines += ["", "**Sparsity-loss ablation** (removed masks against the cosine ceiling; gap = ceiling − mean removed "
-                  "mask, over the decay):", "",
+        lines += ["", "**Sparsity-loss ablation** (removed masks against the cosine over the whole decay phase; gap = "
+                  "that cosine − mean removed mask, over the decay):", "",
                   "| variant | budget | strength | test acc. | acc. after cut (val) | largest gap | mean gap | "
                   "cut jump |", "|---|---|---|---|---|---|---|---|"]
         for m in ABLATION:
@@ -206,17 +206,16 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
                              f"{_acc(f['accuracy_after_cut_val'])} | {g['max_gap']:.4f} | {g['mean_gap']:.4f} | "
                              f"{g['cut_jump']:.4f} |")
     for b in p["ablation_budgets"]:
-        hard = seed0.get(("hard", b), {}).get("short_val_accuracy")
-        pts = [(m, q) for m in ("sparsity", "sparsity_loss_only") for q in sweep_points(out, summary, m, b)]
+        pts = [(m, q) for m in ABLATION for q in sweep_points(out, summary, m, b)]
         if not pts:
             continue
         se = _se(pts[0][1]["val_accuracy"], t["n_val"])
-        lines += ["", f"**What the strength does** at {b:g} (seed {cfg['seed']}; every point the same decay and "
+        lines += ["", f"**What the strength does** at {b:g} (seed {cfg['seed']}; every point the same decay steps and "
                   f"{p['sweep_finetune_epochs']} epoch(s) of fine-tuning, validation accuracy, whose standard error "
-                  f"on {t['n_val']:,} images is about {se:.1f} points; gaps as above):", "",
+                  f"on {t['n_val']:,} images is about {se:.1f} points; for hard decay the strength is the fraction "
+                  "of the decay phase its cosine takes, the removed masks are 0 from there on; gap = full-phase "
+                  "cosine − mean removed mask):", "",
                   "| variant | strength | validation acc. | largest gap | mean gap | cut jump |", "|---|---|---|---|---|---|"]
-        if hard is not None:
-            lines.append(f"| {ABLATION['hard']} | – | {hard:.2f} | 0.0000 | 0.0000 | 0.0000 |")
         for m, q in pts:
             g = mask_gap(q["history"]) if q["history"] else None
             gaps = f"{g['max_gap']:.4f} | {g['mean_gap']:.4f} | {g['cut_jump']:.4f}" if g else "– | – | –"
@@ -285,42 +284,44 @@ def plot_all(out: Path, summary: dict[str, Any]) -> list[str]:
     plt.close(fig)
 
     seed0 = _seed0(summary)
+    styles = {"hard": ("-", "C0"), "sparsity": ("-", "C1"), "sparsity_loss_only": ("--", "C2")}
     for budget in summary["config"]["prune"]["ablation_budgets"]:
-        hists = {m: json.loads((out / "runs" / seed0[(m, budget)]["run"] / "history.json").read_text())
-                 for m in ABLATION if (m, budget) in seed0}
-        if not hists:
+        points = {m: [q for q in sweep_points(out, summary, m, budget) if q["history"]] for m in ABLATION}
+        if not any(points.values()):
             continue
-        points = {m: sweep_points(out, summary, m, budget) for m in ("sparsity", "sparsity_loss_only")}
         fig, ax = plt.subplots(1, 3, figsize=(16, 4.4))
-        h0 = next(iter(hists.values()))
+        h0 = next(q["history"] for pts in points.values() for q in pts)
+        full = [md.schedules.cosine(st, h0["steps"]) for st in h0["step"]]
         for a, key, label in ((ax[0], "removed_mean", "mean removed mask"), (ax[1], "removed_max", "largest removed mask")):
-            a.plot([q / h0["steps"] for q in h0["step"]], h0["ceiling"], "k:", lw=2, label="ceiling s(t)")
-            if "hard" in hists:
-                h = hists["hard"]
-                a.plot([q / h["steps"] for q in h["step"]], h[key], color="C0", lw=2, label=ABLATION["hard"])
-            for m, style, color in (("sparsity", "-", "C1"), ("sparsity_loss_only", "--", "C2")):
-                for i, q in enumerate(pt for pt in points[m] if pt["history"]):
+            a.plot([q / h0["steps"] for q in h0["step"]], full, "k:", lw=2, label="cosine over the whole phase")
+            for m, (style, color) in styles.items():
+                for i, q in enumerate(points[m]):
                     h = q["history"]
+                    name = f"hard, within {q['strength']:g}" if m == "hard" else f"{m} λ={q['strength']:g}"
                     a.plot([st / h["steps"] for st in h["step"]], h[key], style, color=color, lw=1,
-                           alpha=0.35 + 0.65 * (i + 1) / len(points[m]), label=f"{m} λ={q['strength']:g}")
+                           alpha=0.35 + 0.65 * (i + 1) / len(points[m]), label=name)
             a.set(xlabel="fraction of the decay phase", title=label)
             a.grid(alpha=0.3)
-            a.legend(fontsize=7)
+            a.legend(fontsize=6)
         n_val = t["n_val"]
-        for m, style, color in (("sparsity", "o-", "C1"), ("sparsity_loss_only", "s--", "C2")):
+        for m, fmt in (("sparsity", "o-"), ("sparsity_loss_only", "s--")):
             if points[m]:
                 acc = [q["val_accuracy"] for q in points[m]]
-                ax[2].errorbar([q["strength"] for q in points[m]], acc, yerr=[_se(a, n_val) for a in acc], fmt=style,
-                               color=color, capsize=3, label=ABLATION[m])
-        short = seed0.get(("hard", budget), {}).get("short_val_accuracy")
-        if short is not None:
-            ax[2].axhline(short, color="C0", lw=2, label=ABLATION["hard"])
-            ax[2].axhspan(short - _se(short, n_val), short + _se(short, n_val), color="C0", alpha=0.15)
+                ax[2].errorbar([q["strength"] for q in points[m]], acc, yerr=[_se(a, n_val) for a in acc], fmt=fmt,
+                               color=styles[m][1], capsize=3, label=ABLATION[m])
+        for i, q in enumerate(points["hard"]):
+            acc = q["val_accuracy"]
+            ax[2].axhline(acc, color="C0", lw=1.5, ls=("-", "--", ":", "-.")[i % 4],
+                          label=f"hard decay within {q['strength']:g} of the phase")
+        best = max(points["hard"], key=lambda q: q["val_accuracy"], default=None)
+        if best is not None:
+            acc = best["val_accuracy"]
+            ax[2].axhspan(acc - _se(acc, n_val), acc + _se(acc, n_val), color="C0", alpha=0.12)
         ax[2].set(xscale="log", xlabel="strength λ", ylabel="validation accuracy (%)",
                   title=f"after the decay + {summary['config']['prune']['sweep_finetune_epochs']} fine-tuning "
                         f"epoch(s)\nbars: ±1 standard error on {n_val:,} validation images")
         ax[2].grid(alpha=0.3)
-        ax[2].legend(fontsize=8)
+        ax[2].legend(fontsize=7)
         fig.suptitle(f"sparsity-loss ablation at {budget:g} of the teacher's MACs", fontsize=10)
         fig.tight_layout()
         paths.append(str(plots / f"ablation_{budget:g}.png"))
