@@ -22,8 +22,9 @@ cores). Each piece (the teacher, one run) is claimed through a lock file in ``st
 processes skip it, take the next free piece, and come back for the results they need. The results do not depend on
 how many processes ran.
 
-With ``prune.penalty_selects`` (the default), L1, L2, BN-L1 and group lasso choose the units they remove
-(``md.MaskDecay(select="cut")``: the plan's widths, the units they shrank most); the sparsity loss and hard decay
+L1, L2, BN-L1 and group lasso can remove the plan's units (``"plan"``) or choose the units they remove
+(``"cut"``: ``md.MaskDecay(select="cut")``, the plan's widths, the units they shrank most); with both in
+``prune.select`` both are swept and the better one on the validation split is kept. The sparsity loss and hard decay
 remove the plan's units, chosen on the teacher.
 
 Every method gets the same teacher, budget, total steps, batch size, LR schedule (constant ``lr`` while decaying,
@@ -74,7 +75,8 @@ NO_STRENGTH: tuple[str, ...] = ("tp_l1",)
 """Methods without a strength; hard decay's "strength" is the fraction of the decay phase its cosine takes
 (``md.schedules.within``), 1 by default."""
 SELECTING: tuple[str, ...] = ("l1", "l2", "bn_l1", "group_lasso")
-"""Penalties that can choose the units they remove at the cut (``prune.penalty_selects``)."""
+"""Penalties that can choose the units they remove at the cut (``prune.select``)."""
+SELECT_MODES: tuple[str, ...] = ("plan", "cut")
 
 
 # ---------------------------------------------------------------------------------------------------------- config
@@ -125,12 +127,14 @@ class StudyPrune:
     seed_methods: list[str] = field(default_factory=list)
     extra_seeds: list[int] = field(default_factory=lambda: [1, 2])
     tp_iterative_steps: int = 400
-    penalty_selects: bool = True
+    select: list[str] = field(default_factory=lambda: ["plan"])
 
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in STUDY_METHODS]
         if bad:
             raise ConfigError(f"methods: unknown method {bad[0]!r}; use any of {', '.join(STUDY_METHODS)}")
+        if not self.select or any(m not in SELECT_MODES for m in self.select) or len(set(self.select)) < len(self.select):
+            raise ConfigError(f"select: one or both of {', '.join(SELECT_MODES)}, got {self.select}")
         bad = [m for m in self.seed_methods if m not in self.methods]
         if bad:
             raise ConfigError(f"seed_methods: {bad[0]!r} is not one of the methods ({', '.join(self.methods)})")
@@ -351,17 +355,20 @@ def teacher(cfg: StudyConfig, data: Data) -> nn.Module:
 # ------------------------------------------------------------------------------------------------------ one run
 @dataclass(frozen=True)
 class Run:
-    """One pruning run: method, budget, strength (None for methods without one) and seed."""
+    """One pruning run: method, budget, strength (None for methods without one), seed, and which units go
+    (``"plan"``: the plan's; ``"cut"``: those the penalty shrank most, see ``md.MaskDecay(select=...)``)."""
 
     method: str
     budget: float
     strength: float | None
     seed: int
+    select: str = "plan"
 
     @property
     def name(self) -> str:
         s = "" if self.strength is None else f"-s{self.strength:g}"
-        return f"{self.method}-{self.budget:g}{s}-seed{self.seed}"
+        cut = "-cut" if self.select == "cut" else ""
+        return f"{self.method}-{self.budget:g}{s}{cut}-seed{self.seed}"
 
 
 class Study:
@@ -389,14 +396,12 @@ class Study:
     def _key(self, run: Run) -> dict[str, Any]:
         p = self.p
         return json.loads(json.dumps({
-            "run": run.__dict__, "arch": self.cfg.arch, "teacher": _teacher_key(self.cfg),
+            "run": {k: v for k, v in run.__dict__.items() if k != "select"}, "arch": self.cfg.arch,
+            "teacher": _teacher_key(self.cfg),
             "decay_epochs": p.decay_epochs, "batch_size": p.batch_size, "lr": p.lr, "momentum": p.momentum,
             "weight_decay": p.weight_decay, "importance": p.importance, "val_size": self.cfg.data.val_size,
             **({"channels_last": True} if self.cfg.channels_last else {}),
-            **({"select": "cut"} if self._select(run) == "cut" else {})}))
-
-    def _select(self, run: Run) -> str:
-        return "cut" if self.p.penalty_selects and run.method in SELECTING else "plan"
+            **({"select": "cut"} if run.select == "cut" else {})}))
 
     def _masked(self, run: Run) -> tuple[nn.Module, md.ChannelMasks, md.Plan, md.MaskDecay]:
         model = copy.deepcopy(self.teacher).to(self.cfg.device, memory_format=self.fmt)
@@ -404,7 +409,7 @@ class Study:
         plan = md.plan(masks, macs=run.budget, importance=self.p.importance)
         schedule = md.schedules.within(run.strength) if run.method == "hard" and run.strength else "cosine"
         decay = md.MaskDecay(masks, plan, steps=self.decay_steps, schedule=schedule, regularizer=regularizer(run),
-                             select=self._select(run))
+                             select=run.select)
         return model, masks, plan, decay
 
     def _opt(self, model: nn.Module) -> torch.optim.SGD:
@@ -557,40 +562,56 @@ class Study:
         return result
 
     # --------------------------------------------------------------- sweeps and finals
-    def sweep(self, method: str, budget: float, seed: int) -> tuple[float | None, list[dict[str, Any]]]:
-        """Sweep ``method``'s strength at ``budget``; returns the chosen strength and the sweep points."""
+    def sweep(self, method: str, budget: float, seed: int) -> tuple[Run, list[dict[str, Any]]]:
+        """Sweep ``method``'s strength at ``budget`` (for a penalty that can choose its units, in every mode of
+        ``prune.select``); returns the chosen run (seed ``seed``) and the sweep points."""
         if method in NO_STRENGTH:
-            return None, []
-        grid = sorted(self.p.sweep.get(method, [1.0]))  # hard decay: over the whole phase unless swept
-        if len(grid) == 1:  # nothing to choose
-            return grid[0], []
-        factor = grid[-1] / grid[-2] if len(grid) > 1 else 10.0
-        results: dict[float, dict[str, Any]] = {}
-        extended = 0
+            return Run(method, budget, None, seed), []
+        start = sorted(self.p.sweep.get(method, [1.0]))  # hard decay: over the whole phase unless swept
+        modes = list(self.p.select) if method in SELECTING else ["plan"]
+        if len(start) == 1 and len(modes) == 1:  # nothing to choose
+            return Run(method, budget, start[0], seed, modes[0]), []
+        factor = start[-1] / start[-2] if len(start) > 1 else 10.0
+        grids = {mode: list(start) for mode in modes}
+        extended = {mode: 0 for mode in modes}
+        results: dict[tuple[str, float], dict[str, Any]] = {}
         while True:
-            results.update(gather({s: partial(self.finetune, Run(method, budget, s, seed), self.p.sweep_finetune_epochs,
-                                              False) for s in grid if s not in results}, wait=False))
-            acc = [results[s]["val_accuracy"] for s in grid]
-            best = grid[acc.index(max(acc))]  # the smallest of tied strengths
-            low, high = len(grid) > 1 and acc[0] > acc[1], len(grid) > 1 and acc[-1] > acc[-2]
-            if extended >= self.p.sweep_extend or not ((best == grid[0] and low) or (best == grid[-1] and high)):
+            results.update(gather({(mode, s): partial(self.finetune, Run(method, budget, s, seed, mode),
+                                                      self.p.sweep_finetune_epochs, False)
+                                   for mode, grid in grids.items() for s in grid if (mode, s) not in results},
+                                  wait=False))
+            grown = False
+            for mode, grid in grids.items():
+                acc = [results[(mode, s)]["val_accuracy"] for s in grid]
+                best = grid[acc.index(max(acc))]  # the smallest of tied strengths
+                low, high = len(grid) > 1 and acc[0] > acc[1], len(grid) > 1 and acc[-1] > acc[-2]
+                if extended[mode] >= self.p.sweep_extend or not ((best == grid[0] and low) or
+                                                                 (best == grid[-1] and high)):
+                    continue
+                if method == "hard" and best == grid[-1]:  # a decay cannot take more than the whole phase
+                    continue
+                grid[:] = [grid[0] / factor, *grid] if best == grid[0] else [*grid, grid[-1] * factor]
+                grid[:] = [float(f"{s:.6g}") for s in grid]
+                extended[mode] += 1
+                grown = True
+            if not grown:
                 break
-            if method == "hard" and best == grid[-1]:  # a decay cannot take more than the whole phase
-                break
-            grid = [grid[0] / factor, *grid] if best == grid[0] else [*grid, grid[-1] * factor]
-            grid = [float(f"{s:.6g}") for s in grid]
-            extended += 1
-        return best, [results[s] for s in grid]
+        points = [results[(mode, s)] for mode, grid in grids.items() for s in grid]
+        best = max(points, key=lambda r: r["val_accuracy"])  # the first of tied points: "plan", smaller strengths
+        return Run(method, budget, best["strength"], seed, best.get("select", "plan")), points
 
-    def chosen(self, method: str, budget: float) -> tuple[float | None, list[dict[str, Any]]]:
-        """The strength for ``method`` at ``budget``: its own sweep, or the sweep of the first swept budget."""
+    def chosen(self, method: str, budget: float, seed: int) -> tuple[Run, list[dict[str, Any]]]:
+        """The run of ``method`` at ``budget`` with seed ``seed``: strength (and mode) from its own sweep, or from
+        the sweep of the first swept budget."""
         swept = budget in self.p.sweep_budgets or not self.p.sweep_budgets
-        return self.sweep(method, budget if swept else self.p.sweep_budgets[0], self.cfg.seed)
+        pick, points = self.sweep(method, budget if swept else self.p.sweep_budgets[0], self.cfg.seed)
+        return Run(method, budget, pick.strength, seed, pick.select), points
 
     def final(self, method: str, budget: float, seed: int) -> dict[str, Any]:
-        strength, points = self.chosen(method, budget)
-        result = self.finetune(Run(method, budget, strength, seed), self.p.finetune_epochs, True)
-        return {**result, "sweep": [{"strength": r["strength"], "val_accuracy": r["val_accuracy"]} for r in points]}
+        run, points = self.chosen(method, budget, seed)
+        result = self.finetune(run, self.p.finetune_epochs, True)
+        return {**result, "sweep": [{"strength": r["strength"], "select": r.get("select", "plan"),
+                                     "val_accuracy": r["val_accuracy"]} for r in points]}
 
     def all(self) -> dict[str, Any]:
         """Every piece, in the order of the module docstring; returns the finals (``summary.json``).

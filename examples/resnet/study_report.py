@@ -23,7 +23,7 @@ import maskdecay as md
 from .data import DATA_NOTE
 from .models import build
 from .report import latencies
-from .study import SELECTING, load_student
+from .study import load_student
 
 #: the lines of a Markdown page between which ``--docs`` puts the report
 BEGIN, END = "<!-- study-report:begin -->", "<!-- study-report:end -->"
@@ -32,11 +32,11 @@ ABLATION = {"hard": "ceiling only (hard decay)", "sparsity_loss_only": "loss onl
             "sparsity": "loss + ceiling (sparsity loss)"}
 
 
-def chosen_by(method: str, prune: dict[str, Any]) -> str:
+def chosen_by(method: str, select: str, prune: dict[str, Any]) -> str:
     """Who picks the channels a method removes (a column of the main table)."""
     if method.startswith("tp_"):
         return "TP ranking, after sparse training" if method == "tp_groupnorm" else "TP ranking, on the teacher"
-    if method in SELECTING and prune.get("penalty_selects", False):
+    if select == "cut":
         return "the penalty, at the cut"
     return f"plan ({prune['importance']}), on the teacher"
 
@@ -164,10 +164,10 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
         for m in methods:
             f = seed0.get((m, budget))
             if f is None:
-                lines.append(f"| {m} | {chosen_by(m, p)} | {budget:g} | (not run yet) | | | | |" + (" | |" if lat else ""))
+                lines.append(f"| {m} | – | {budget:g} | (not run yet) | | | | |" + (" | |" if lat else ""))
                 continue
             s = "–" if f["strength"] is None else f"{f['strength']:g}"
-            row = (f"| {m} | {chosen_by(m, p)} | {budget:g} | {s} | {f['test_accuracy']:.2f} | "
+            row = (f"| {m} | {chosen_by(m, f.get('select', 'plan'), p)} | {budget:g} | {s} | {f['test_accuracy']:.2f} | "
                    f"{_acc(f['accuracy_after_cut_val'])} | "
                    f"{f['macs'] / 1e6:.2f} M | {f['params'] / 1e3:.0f} k |")
             if lat:
@@ -176,11 +176,18 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
     swept = [(m, budget, f) for (m, budget), f in seed0.items() if f["sweep"]]
     if swept:
         lines += ["", "**Strength sweeps** (validation accuracy after the decay and 1 epoch of fine-tuning; best in "
-                  "bold):", "", "| method | budget | strength → validation accuracy |", "|---|---|---|"]
+                  "bold; for L1, L2, BN-L1 and group lasso, *plan*: the plan's channels go, *cut*: those the penalty "
+                  "shrank most; for hard decay, the fraction of the decay phase its schedule takes):", "",
+                  "| method | budget | strength → validation accuracy |", "|---|---|---|"]
     for m, budget, f in swept:
-        pts = ", ".join((f"**{q['strength']:g} → {q['val_accuracy']:.2f}**" if q["strength"] == f["strength"] else
-                         f"{q['strength']:g} → {q['val_accuracy']:.2f}") for q in f["sweep"])
-        lines.append(f"| {m} | {budget:g} | {pts} |")
+        modes = {q.get("select", "plan") for q in f["sweep"]}
+        cells = []
+        for q in f["sweep"]:
+            mode = q.get("select", "plan")
+            txt = (f"{mode} " if len(modes) > 1 else "") + f"{q['strength']:g} → {q['val_accuracy']:.2f}"
+            best = q["strength"] == f["strength"] and mode == f.get("select", "plan")
+            cells.append(f"**{txt}**" if best else txt)
+        lines.append(f"| {m} | {budget:g} | {', '.join(cells)} |")
     multi = {k: v for k, v in by_seed.items() if len(v) > 1}
     if multi:
         lines += ["", "**Seeds** (same teacher; seeds change the batches and augmentation of the pruning run):", "",

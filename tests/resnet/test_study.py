@@ -175,16 +175,23 @@ def test_killed_run_resumes_bit_identically(tiny: Path, tmp_path: Path, monkeypa
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_penalties_choose_the_units_they_remove(tiny: Path, tmp_path: Path) -> None:
-    """With ``penalty_selects`` the L1 run removes the units whose masks it shrank most, at the plan's widths."""
-    prune = {"methods": ["l1"], "ablation_budgets": [], "seed_top": 0, "seed_methods": [], "sweep": {"l1": [0.05]}}
+def test_penalties_sweep_both_ways_of_choosing_units(tiny: Path, tmp_path: Path) -> None:
+    """With ``select: [plan, cut]`` an L1 penalty is swept both ways (the plan's units, or those whose masks it shrank
+    most, at the plan's widths) and the final run takes the better one on validation."""
+    prune = {"methods": ["l1"], "ablation_budgets": [], "seed_top": 0, "seed_methods": [], "sweep": {"l1": [0.05]},
+             "select": ["plan", "cut"]}
     final = study.run(_cfg(tiny, tmp_path / "l1", **prune))["finals"][0]
-    run = tmp_path / "l1" / "runs" / final["run"]
-    history = json.loads((run / "history.json").read_text())
-    assert history["select"] == "cut" and 0.0 <= history["reselected"] <= 1.0
-    assert json.loads((run / "result-ft2.json").read_text())["key"]["select"] == "cut"  # results of the old mode differ
-    student = study.load_student(run, "resnet8")
+    runs = tmp_path / "l1" / "runs"
+    assert {p.name for p in runs.iterdir()} == {"l1-0.5-s0.05-seed0", "l1-0.5-s0.05-cut-seed0"}
+    cut = json.loads((runs / "l1-0.5-s0.05-cut-seed0" / "history.json").read_text())
+    assert cut["select"] == "cut" and 0.0 <= cut["reselected"] <= 1.0
+    assert json.loads((runs / "l1-0.5-s0.05-seed0" / "history.json").read_text())["select"] == "plan"
+    points = {q["select"]: q["val_accuracy"] for q in final["sweep"]}
+    assert set(points) == {"plan", "cut"} and points[final["select"]] == max(points.values())
+    student = study.load_student(runs / final["run"], "resnet8")
     assert md.count_macs(student, torch.randn(1, 3, 32, 32)) == final["macs"]
+    with pytest.raises(yaml_config.ConfigError, match="select: one or both of plan, cut"):
+        _cfg(tiny, tmp_path / "bad", **{**prune, "select": ["end"]})
 
 
 def test_carve_uneven_classes() -> None:
