@@ -82,11 +82,8 @@ class MaskDecay:
         self.scaler = scaler
         self.t = 0
         device = masks.values[0].device
-        self.removed_masks = []
-        for g in masks.groups:
-            r = torch.zeros(g.size, dtype=torch.bool, device=device)
-            r[torch.tensor(plan.removed(g.name), dtype=torch.long, device=device)] = True
-            self.removed_masks.append(r)
+        self.removed_masks = [torch.zeros(g.size, dtype=torch.bool, device=device) for g in masks.groups]
+        self._adopt(plan)
         self.regularizer.bind(self)
         self.select = select
         self._plan0 = plan
