@@ -182,25 +182,29 @@ class BNScaleL1(Regularizer):
         assert self.decay is not None
         total = self.decay.zero()
         for g in self.decay.masks.groups:
-            sel = self.in_scope(g.index)
-            for m in g.members:
-                if isinstance(m.module, NORM_TYPES) and getattr(m.module, "weight", None) is not None:
-                    w = member_weights(m)
-                    total = total + (w.abs() * sel[m.units].to(w.device).unsqueeze(1)).sum()
+            gammas = self._gammas(g.index)
+            if gammas is not None:
+                total = total + (gammas * self.in_scope(g.index).to(gammas.device)).sum()
         return self.strength * total
+
+    def _gammas(self, group_index: int) -> torch.Tensor | None:
+        """Sum of |gamma| over the group's norm layers, per unit (differentiable; None for a group without one)."""
+        assert self.decay is not None
+        g = self.decay.masks.groups[group_index]
+        total = None
+        for m in g.members:
+            if isinstance(m.module, NORM_TYPES) and getattr(m.module, "weight", None) is not None:
+                w = member_weights(m).abs().sum(1)
+                if total is None:
+                    total = torch.zeros(g.size, dtype=w.dtype, device=w.device)
+                total = total.index_add(0, m.units.to(w.device), w)
+        return total
 
     @torch.no_grad()
     def unit_scores(self, group_index: int) -> torch.Tensor | None:
         """Sum of |gamma| over the group's norm layers, per unit (None for a group without one)."""
-        assert self.decay is not None
-        g = self.decay.masks.groups[group_index]
-        total = torch.zeros(g.size, dtype=torch.float64)
-        found = False
-        for m in g.members:
-            if isinstance(m.module, NORM_TYPES) and getattr(m.module, "weight", None) is not None:
-                total.index_add_(0, m.units.cpu(), member_weights(m).detach().abs().sum(1).double().cpu())
-                found = True
-        return total if found else None
+        gammas = self._gammas(group_index)
+        return None if gammas is None else gammas.double().cpu()
 
 
 class GroupLasso(Regularizer):
