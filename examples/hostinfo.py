@@ -59,6 +59,11 @@ def cpu_label(name: str | None = None, features: list[str] | None = None) -> str
     return f"{name} [{' '.join(features)}]" if features else name
 
 
+def threads_label(n: int) -> str:
+    """``"1 thread"`` / ``"N threads"``, for benchmark records."""
+    return f"{n} thread" if n == 1 else f"{n} threads"
+
+
 def peak_rss_mb(status: str = "/proc/self/status") -> float | None:
     """This process's peak resident memory so far, in MB (``VmHWM`` of ``status`` on Linux); None where the file or
     the field is missing. For benchmark records: a speed-up that needs twice the memory is a different trade."""

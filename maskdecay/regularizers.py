@@ -6,6 +6,7 @@ All share one interface (:class:`Regularizer`) so that :class:`~maskdecay.MaskDe
 regularizer        penalty                          masks learned       removed masks capped   reaches 0 by itself
 =================  ===============================  ==================  =====================  ===================
 ``SparsityLoss``   log(1+|m|/eps), removed only     removed only        yes, at s(t)           yes (no jump)
+  scope="all"      log(1+|m|/eps), every unit       all                 no                     no: cut at step N
 ``"hard"``         none                             no                  set to s(t)            yes (no jump)
 ``L1``             |m|                              in scope            no                     no: cut at step N
 ``L2``             m^2                              in scope            no                     no: cut at step N
@@ -14,8 +15,9 @@ regularizer        penalty                          masks learned       removed 
 =================  ===============================  ==================  =====================  ===================
 
 ``scope`` is ``"all"`` (every unit of every group, as these baselines are used in the literature) or ``"removed"``
-(only the units the plan drops). With ``scope="all"``, L1, L2, BN-L1 and group lasso can also choose which units go:
-``MaskDecay(select="cut")`` keeps the plan's widths and removes the units they shrank most (:meth:`Regularizer.unit_scores`). The sparsity loss is our design, not the paper's formula (which is not public):
+(only the units the plan drops). With ``scope="all"``, the sparsity loss, L1, L2, BN-L1 and group lasso can also
+choose which units go: ``MaskDecay(select="cut")`` keeps the plan's widths and removes the units they shrank most
+(:meth:`Regularizer.unit_scores`). The sparsity loss is our design, not the paper's formula (which is not public):
 see ``docs/sparsity_loss.md``.
 """
 from __future__ import annotations
@@ -98,38 +100,56 @@ class Hard(Regularizer):
         return self.decay.zero()
 
 
+def _mask_magnitudes(decay: "MaskDecay", group_index: int) -> torch.Tensor:
+    """|m| of every mask of a group (detached, CPU): what the mask penalties shrink."""
+    return decay.masks.values[group_index].detach().abs().cpu()
+
+
 class SparsityLoss(Regularizer):
-    r"""Our sparsity loss: a reweighted-L1 (log-sum) pull on the removed masks under a scheduled ceiling.
+    r"""Our sparsity loss: a reweighted-L1 (log-sum) pull on the masks, under a scheduled ceiling.
 
-    .. math::  L_{sp}(t) = \lambda \, (1 - s(t)) \sum_{i \in R} \log(1 + |m_i| / \epsilon), \qquad
-               m_i \leftarrow \mathrm{clip}(m_i, 0, s(t)) \text{ after every step}
+    .. math::  L_{sp}(t) = \lambda \, (1 - s(t)) \sum_{i \in S} \log(1 + |m_i| / \epsilon), \qquad
+               m_i \leftarrow \mathrm{clip}(m_i, 0, s(t)) \text{ for } i \in R \text{ after every step}
 
-    Only the removed set R is touched (kept masks stay exactly 1). The gradient
-    :math:`\lambda (1-s)/(\epsilon + |m|)` *grows* as a mask approaches 0 (L2's vanishes, L1's is constant), so
-    channels the task does not defend collapse early, and the ceiling :math:`s(t)` guarantees every removed mask is
-    exactly 0 at step N whatever the task gradient does. The weight :math:`1 - s(t)` starts the pull at 0, so the
-    first steps do not shock the teacher.
+    The gradient :math:`\lambda (1-s)/(\epsilon + |m|)` *grows* as a mask approaches 0 (L2's vanishes, L1's is
+    constant), so a mask the task does not defend collapses once it starts to fall. The weight :math:`1 - s(t)`
+    starts the pull at 0, so the first steps do not shock the teacher.
 
-    ``ceiling=False`` drops the projection (the loss alone pulls the removed masks; whatever is left of them is cut
-    at step N, as for :class:`L1`): the ablation that shows what the loss term does beyond the schedule.
+    Two ways to use it:
+
+    * ``scope="removed"`` (default): ``S = R``, the units the plan removes; kept masks stay exactly 1 and the ceiling
+      :math:`s(t)` guarantees every removed mask is 0 at step N. With a removed set fixed in advance, the loss can
+      only change *when* those masks reach 0, which a shorter schedule does too (``md.schedules.within``).
+      ``ceiling=False`` drops the projection (the loss alone pulls the removed masks; what is left is cut at step N).
+    * ``scope="all"``: ``S`` = every unit, no ceiling; with ``MaskDecay(select="cut")`` the loss *chooses* the units
+      to remove (the smallest |m| at step N, at the plan's widths), like L1 but with a pull that separates the
+      masks the task defends from those it does not.
     """
 
     name = "sparsity"
     learns_masks = True
 
-    def __init__(self, strength: float = 1e-2, eps: float = 0.05, ceiling: bool = True) -> None:
-        super().__init__(strength, "removed")
+    def __init__(self, strength: float = 1e-2, eps: float = 0.05, ceiling: bool | None = None,
+                 scope: str = "removed") -> None:
+        super().__init__(strength, scope)
         if eps <= 0:
             raise ValueError(f"eps must be > 0, got {eps}")
+        if ceiling and scope == "all":
+            raise ValueError("the ceiling caps the plan's removed masks: it needs scope='removed'")
         self.eps = float(eps)
-        self.ceiling = bool(ceiling)
+        self.ceiling = scope == "removed" if ceiling is None else bool(ceiling)
 
     def penalty(self, t: int, s: float) -> torch.Tensor:
         assert self.decay is not None
         total = self.decay.zero()
-        for v, r in zip(self.decay.masks.values, self.decay.removed_masks):
-            total = total + (torch.log1p(v.abs() / self.eps) * r).sum()
+        for i, v in enumerate(self.decay.masks.values):
+            total = total + (torch.log1p(v.abs() / self.eps) * self.in_scope(i)).sum()
         return self.strength * (1.0 - s) * total
+
+    def unit_scores(self, group_index: int) -> torch.Tensor:
+        """|m| of every mask of the group."""
+        assert self.decay is not None
+        return _mask_magnitudes(self.decay, group_index)
 
     def config(self) -> dict:
         return {**super().config(), "eps": self.eps, "ceiling": self.ceiling}
@@ -151,7 +171,7 @@ class _MaskNorm(Regularizer):
     def unit_scores(self, group_index: int) -> torch.Tensor:
         """|m| of every mask of the group."""
         assert self.decay is not None
-        return self.decay.masks.values[group_index].detach().abs().cpu()
+        return _mask_magnitudes(self.decay, group_index)
 
 
 class L1(_MaskNorm):

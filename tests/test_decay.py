@@ -241,7 +241,7 @@ def test_decay_steps_do_not_synchronise_with_the_host(reg: str) -> None:
 def _shrink(reg, masks, g, units: list[int]) -> None:
     """Scale down, for ``units`` of group ``g``, the quantity ``reg`` penalises (masks, norm scales, or every weight
     producing or reading the unit)."""
-    if isinstance(reg, (md.L1, md.L2)):
+    if isinstance(reg, (md.L1, md.L2, md.SparsityLoss)):
         masks.values[g.index][units] = 1e-3
         return
     for m in g.members:
@@ -253,7 +253,8 @@ def _shrink(reg, masks, g, units: list[int]) -> None:
         w.data.transpose(0, dim)[m.idxs[sel]] *= 1e-3
 
 
-@pytest.mark.parametrize("reg", [md.L1(0.05), md.L2(0.05), md.BNScaleL1(0.05), md.GroupLasso(0.05)])
+@pytest.mark.parametrize("reg", [md.L1(0.05), md.L2(0.05), md.BNScaleL1(0.05), md.GroupLasso(0.05),
+                                 md.SparsityLoss(0.05, scope="all")])
 def test_select_at_cut_removes_what_the_penalty_shrank(reg) -> None:
     """``select="cut"``: the plan's widths, the units with the smallest penalised quantity; the student is exact."""
     torch.manual_seed(0)
@@ -285,6 +286,20 @@ def test_select_at_cut_removes_what_the_penalty_shrank(reg) -> None:
         student = md.export(model, masks)
         assert torch.allclose(student(x), ref, atol=1e-5)
     assert md.count_macs(student, x[:1]) == pytest.approx(plan.macs, rel=1e-6)
+
+
+def test_sparsity_loss_on_every_unit() -> None:
+    """``scope="all"``: the log-sum pull acts on kept masks too, without a ceiling (that needs the plan's set)."""
+    with pytest.raises(ValueError, match="needs scope='removed'"):
+        md.SparsityLoss(scope="all", ceiling=True)
+    assert md.SparsityLoss().ceiling and not md.SparsityLoss(scope="all").ceiling
+    model, teacher, x, masks, decay, opt = _setup(md.SparsityLoss(strength=0.5, scope="all"), steps=6)
+    while decay.t < 5:
+        _train_step(model, teacher, x, decay, opt)
+    kept = torch.cat([v.detach()[~r] for v, r in zip(masks.values, decay.removed_masks)])
+    assert float(kept.max()) < 1.0  # pulled, unlike the default scope's kept masks
+    _train_step(model, teacher, x, decay, opt)
+    assert decay.done and decay.history["cut_jump"] > 0  # no ceiling: what is left of the removed masks is cut
 
 
 def test_select_at_cut_errors_and_resume() -> None:

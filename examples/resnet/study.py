@@ -22,10 +22,12 @@ cores). Each piece (the teacher, one run) is claimed through a lock file in ``st
 processes skip it, take the next free piece, and come back for the results they need. The results do not depend on
 how many processes ran.
 
-L1, L2, BN-L1 and group lasso can remove the plan's units (``"plan"``) or choose the units they remove
-(``"cut"``: ``md.MaskDecay(select="cut")``, the plan's widths, the units they shrank most); with both in
-``prune.select`` both are swept and the better one on the validation split is kept. The sparsity loss and hard decay
-remove the plan's units, chosen on the teacher.
+The sparsity loss, L1, L2, BN-L1 and group lasso can remove the plan's units (``"plan"``) or choose the units they
+remove (``"cut"``: ``md.MaskDecay(select="cut")``, the plan's widths, the units they shrank most; the sparsity loss
+then pulls every mask and has no ceiling); with both in ``prune.select`` both are swept and the better one on the
+validation split is kept. Hard decay removes the plan's units, chosen on the teacher. The ablation compares the
+sparsity loss the plan's way (its ceiling needs the plan's units) with hard decay and the loss without its ceiling:
+those runs are marked ``"arm": "plan"`` in ``summary.json`` where the chosen way is another.
 
 Every method gets the same teacher, budget, total steps, batch size, LR schedule (constant ``lr`` while decaying,
 then a cosine to 0 over the fine-tuning) and SGD settings. ``tp_l1`` prunes at step 0 and fine-tunes for all the
@@ -57,7 +59,7 @@ from tqdm import tqdm
 import maskdecay as md
 
 from .. import yaml_config
-from ..hostinfo import cpu_label
+from ..hostinfo import cpu_label, threads_label
 from .claim import claim, gather
 from .config import MASK_METHODS, ConfigError
 from .data import Split, load_any, resolve
@@ -74,8 +76,9 @@ STUDY_METHODS: tuple[str, ...] = ("sparsity", "hard", "l1", "l2", "bn_l1", "grou
 NO_STRENGTH: tuple[str, ...] = ("tp_l1",)
 """Methods without a strength; hard decay's "strength" is the fraction of the decay phase its cosine takes
 (``md.schedules.within``), 1 by default."""
-SELECTING: tuple[str, ...] = ("l1", "l2", "bn_l1", "group_lasso")
-"""Penalties that can choose the units they remove at the cut (``prune.select``)."""
+SELECTING: tuple[str, ...] = ("sparsity", "l1", "l2", "bn_l1", "group_lasso")
+"""Penalties that can choose the units they remove at the cut (``prune.select``); the sparsity loss does it on every
+unit, without its ceiling (``md.SparsityLoss(scope="all")``)."""
 SELECT_MODES: tuple[str, ...] = ("plan", "cut")
 
 
@@ -252,7 +255,7 @@ def _where(device: str) -> str:
     """The device a phase runs on (the GPU's name, or the CPU's with its thread count), for the compute record."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    return f"{cpu_label()}, {torch.get_num_threads()} threads"
+    return f"{cpu_label()}, {threads_label(torch.get_num_threads())}"
 
 
 def _load(path: Path) -> Any:
@@ -562,13 +565,14 @@ class Study:
         return result
 
     # --------------------------------------------------------------- sweeps and finals
-    def sweep(self, method: str, budget: float, seed: int) -> tuple[Run, list[dict[str, Any]]]:
+    def sweep(self, method: str, budget: float, seed: int, select: str | None = None
+              ) -> tuple[Run, list[dict[str, Any]]]:
         """Sweep ``method``'s strength at ``budget`` (for a penalty that can choose its units, in every mode of
-        ``prune.select``); returns the chosen run (seed ``seed``) and the sweep points."""
+        ``prune.select``, or in ``select`` alone); returns the chosen run (seed ``seed``) and the sweep points."""
         if method in NO_STRENGTH:
             return Run(method, budget, None, seed), []
         start = sorted(self.p.sweep.get(method, [1.0]))  # hard decay: over the whole phase unless swept
-        modes = list(self.p.select) if method in SELECTING else ["plan"]
+        modes = [select] if select else list(self.p.select) if method in SELECTING else ["plan"]
         if len(start) == 1 and len(modes) == 1:  # nothing to choose
             return Run(method, budget, start[0], seed, modes[0]), []
         factor = start[-1] / start[-2] if len(start) > 1 else 10.0
@@ -600,18 +604,28 @@ class Study:
         best = max(points, key=lambda r: r["val_accuracy"])  # the first of tied points: "plan", smaller strengths
         return Run(method, budget, best["strength"], seed, best.get("select", "plan")), points
 
-    def chosen(self, method: str, budget: float, seed: int) -> tuple[Run, list[dict[str, Any]]]:
-        """The run of ``method`` at ``budget`` with seed ``seed``: strength (and mode) from its own sweep, or from
-        the sweep of the first swept budget."""
+    def chosen(self, method: str, budget: float, seed: int, select: str | None = None
+               ) -> tuple[Run, list[dict[str, Any]]]:
+        """The run of ``method`` at ``budget`` with seed ``seed``: strength (and mode, unless ``select`` fixes it)
+        from its own sweep, or from the sweep of the first swept budget."""
         swept = budget in self.p.sweep_budgets or not self.p.sweep_budgets
-        pick, points = self.sweep(method, budget if swept else self.p.sweep_budgets[0], self.cfg.seed)
+        pick, points = self.sweep(method, budget if swept else self.p.sweep_budgets[0], self.cfg.seed, select)
         return Run(method, budget, pick.strength, seed, pick.select), points
 
-    def final(self, method: str, budget: float, seed: int) -> dict[str, Any]:
-        run, points = self.chosen(method, budget, seed)
+    def final(self, method: str, budget: float, seed: int, select: str | None = None) -> dict[str, Any]:
+        """The fully fine-tuned run of ``method`` at its chosen strength (in mode ``select`` if given: an ablation
+        arm, marked ``"arm"`` in the result)."""
+        run, points = self.chosen(method, budget, seed, select)
         result = self.finetune(run, self.p.finetune_epochs, True)
-        return {**result, "sweep": [{"strength": r["strength"], "select": r.get("select", "plan"),
-                                     "val_accuracy": r["val_accuracy"]} for r in points]}
+        return {**result, **({"arm": select} if select else {}),
+                "sweep": [{"strength": r["strength"], "select": r.get("select", "plan"),
+                           "val_accuracy": r["val_accuracy"]} for r in points]}
+
+    def _arm(self, method: str) -> str | None:
+        """``"plan"`` for an ablation method that could also choose its own units (its ablation arm is the plan's
+        way), else None."""
+        ablation = method in ("sparsity", "hard", "sparsity_loss_only")
+        return "plan" if ablation and method in SELECTING and set(self.p.select) != {"plan"} else None
 
     def all(self) -> dict[str, Any]:
         """Every piece, in the order of the module docstring; returns the finals (``summary.json``).
@@ -626,16 +640,22 @@ class Study:
                 methods.append("sparsity_loss_only")
             for method in methods:
                 jobs[(method, budget, seed)] = partial(self.final, method, budget, seed)
+                if budget in self.p.ablation_budgets and self._arm(method):
+                    jobs[(method, budget, seed, "arm")] = partial(self.final, method, budget, seed, self._arm(method))
         done = lambda results: self.write_summary(list(results.values()))  # noqa: E731
         finals = list(gather(jobs, wait=True, on_done=done).values())
         first = self.p.budgets[0]
         if not (self.p.seed_top or self.p.seed_methods) or not self.p.extra_seeds:
             return self.write_summary(finals)
-        ranked = sorted((f for f in finals if f["budget"] == first and f["method"] in self.p.methods),
-                        key=lambda f: -f["val_accuracy"])
-        chosen = [f["method"] for f in ranked[:self.p.seed_top]]
-        chosen += [m for m in self.p.seed_methods if m not in chosen]
-        seeds = {(m, first, s): partial(self.final, m, first, s) for m in chosen for s in self.p.extra_seeds}
+        ranked = sorted((f for f in finals if f["budget"] == first and f["method"] in self.p.methods
+                         and "arm" not in f), key=lambda f: -f["val_accuracy"])
+        top = [f["method"] for f in ranked[:self.p.seed_top]]
+        seeds = {(m, first, s): partial(self.final, m, first, s) for m in top for s in self.p.extra_seeds}
+        for m in self.p.seed_methods:  # the ablation's arms, each its ablation way
+            arm = self._arm(m) if first in self.p.ablation_budgets else None
+            if m not in top or arm:
+                seeds.update({(m, first, s, *(["arm"] if arm else [])): partial(self.final, m, first, s, arm)
+                              for s in self.p.extra_seeds})
         more = lambda results: self.write_summary(finals + list(results.values()))  # noqa: E731
         return self.write_summary(finals + list(gather(seeds, wait=True, on_done=more).values()))
 
@@ -663,6 +683,8 @@ def regularizer(run: Run) -> md.Regularizer | str:
         return "hard"
     if run.method == "sparsity_loss_only":
         return md.SparsityLoss(strength=run.strength, ceiling=False)
+    if run.method == "sparsity" and run.select == "cut":
+        return md.SparsityLoss(strength=run.strength, scope="all")
     classes = {"sparsity": md.SparsityLoss, "l1": md.L1, "l2": md.L2, "bn_l1": md.BNScaleL1,
                "group_lasso": md.GroupLasso}
     return classes[run.method](strength=run.strength)

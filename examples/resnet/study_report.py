@@ -10,6 +10,7 @@ Markdown page, between its :data:`BEGIN` and :data:`END` lines (the plots copied
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch.nn as nn
 
 import maskdecay as md
 
+from ..hostinfo import threads_label
 from .data import DATA_NOTE
 from .models import build
 from .report import latencies
@@ -92,6 +94,7 @@ def compute(out: Path) -> dict[str, Any]:
             total += results[0].get("decay_seconds", 0.0) + sum(r.get("finetune_seconds", 0.0) for r in results)
             for where in [results[0].get("decay_machine")] + [r.get("machine") for r in results]:
                 if where:
+                    where = re.sub(r"\b1 threads\b", "1 thread", where)
                     machines[where] = machines.get(where, 0) + 1
     return {"runs": n, "seconds": total, "machines": machines}
 
@@ -111,7 +114,17 @@ def sweep_points(out: Path, summary: dict[str, Any], method: str, budget: float)
 
 
 def _finals(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    return summary["finals"]
+    """The finals of the main table and the seeds (not the ablation's arms)."""
+    return [f for f in summary["finals"] if "arm" not in f]
+
+
+def _ablation_runs(summary: dict[str, Any], method: str, budget: float) -> list[dict[str, Any]]:
+    """The finals of an ablation variant at ``budget``, one per seed: its ablation arm where it has one, else its
+    plan-way finals."""
+    arms = [f for f in summary["finals"] if f["method"] == method and f["budget"] == budget and "arm" in f]
+    runs = arms or [f for f in _finals(summary) if f["method"] == method and f["budget"] == budget
+                    and f.get("select", "plan") == "plan"]
+    return sorted(runs, key=lambda f: f["seed"])
 
 
 def _seed0(summary: dict[str, Any]) -> dict[tuple[str, float], dict[str, Any]]:
@@ -144,7 +157,7 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
     cfg = summary["config"]
     p = cfg["prune"]
     lines = [f"Data: {summary.get('data', DATA_NOTE)}; {t['n_train']:,} training, {t['n_val']:,} validation (held "
-             f"out of the training set), {t['n_test']:,} test images. Machine: {t['machine']}, {t['threads']} threads.", "",
+             f"out of the training set), {t['n_test']:,} test images. Machine: {t['machine']}, {threads_label(t['threads'])}.", "",
              f"**Teacher** ({summary['arch']}, {len(t['curve'])} epochs, {t['train_seconds'] / 60:.0f} min): "
              f"**{last['test_accuracy']:.2f} %** test, {_acc(last['val_accuracy'])} % validation, "
              f"{summary['teacher_macs'] / 1e6:.2f} M MACs.", ""]
@@ -176,8 +189,8 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
     swept = [(m, budget, f) for (m, budget), f in seed0.items() if f["sweep"]]
     if swept:
         lines += ["", "**Strength sweeps** (validation accuracy after the decay and 1 epoch of fine-tuning; best in "
-                  "bold; for L1, L2, BN-L1 and group lasso, *plan*: the plan's channels go, *cut*: those the penalty "
-                  "shrank most; for hard decay, the fraction of the decay phase its schedule takes):", "",
+                  "bold; for the penalties swept both ways, *plan*: the plan's channels go, *cut*: those the penalty "
+                  "shrank most (the sparsity loss then on every channel, without its ceiling); for hard decay, the fraction of the decay phase its schedule takes):", "",
                   "| method | budget | strength → validation accuracy |", "|---|---|---|"]
     for m, budget, f in swept:
         modes = {q.get("select", "plan") for q in f["sweep"]}
@@ -195,23 +208,22 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
         for (m, budget), fs in sorted(multi.items(), key=lambda kv: -_mean_sd([f["test_accuracy"] for f in kv[1]])[0]):
             lines.append(f"| {m} | {budget:g} | {', '.join(str(f['seed']) for f in fs)} | "
                          f"{_pm([f['test_accuracy'] for f in fs])} | {_pm([f['val_accuracy'] for f in fs])} |")
-    abl = [(m, b) for (m, b) in seed0 if m in ABLATION and b in p["ablation_budgets"]]
+    abl = {(m, b): rs for m in ABLATION for b in p["ablation_budgets"] if (rs := _ablation_runs(summary, m, b))}
     if abl:
-        lines += ["", "**Sparsity-loss ablation** (removed masks against the cosine over the whole decay phase; gap = "
-                  "that cosine − mean removed mask, over the decay):", "",
-                  "| variant | budget | strength | test acc. | acc. after cut (val) | largest gap | mean gap | "
-                  "cut jump |", "|---|---|---|---|---|---|---|---|"]
-        for m in ABLATION:
-            for b in p["ablation_budgets"]:
-                f = seed0.get((m, b))
-                hist = out / "runs" / f["run"] / "history.json" if f else None
-                if f is None or not hist.is_file():
-                    continue
-                g = mask_gap(json.loads(hist.read_text()))
-                s = "–" if f["strength"] is None else f"{f['strength']:g}"
-                lines.append(f"| {ABLATION[m]} | {b:g} | {s} | {f['test_accuracy']:.2f} | "
-                             f"{_acc(f['accuracy_after_cut_val'])} | {g['max_gap']:.4f} | {g['mean_gap']:.4f} | "
-                             f"{g['cut_jump']:.4f} |")
+        lines += ["", "**Sparsity-loss ablation** (the plan's channels; seed-0 run's removed masks against the cosine "
+                  "over the whole decay phase; gap = that cosine − mean removed mask, over the decay):", "",
+                  "| variant | budget | strength | test acc. (seed 0) | test acc. over seeds | acc. after cut (val) | "
+                  "largest gap | mean gap | cut jump |", "|---|---|---|---|---|---|---|---|---|"]
+        for (m, b), rs in abl.items():
+            f = rs[0]
+            hist = out / "runs" / f["run"] / "history.json"
+            if f["seed"] != cfg["seed"] or not hist.is_file():
+                continue
+            g = mask_gap(json.loads(hist.read_text()))
+            s = "–" if f["strength"] is None else f"{f['strength']:g}"
+            lines.append(f"| {ABLATION[m]} | {b:g} | {s} | {f['test_accuracy']:.2f} | "
+                         f"{_pm([r['test_accuracy'] for r in rs])} | {_acc(f['accuracy_after_cut_val'])} | "
+                         f"{g['max_gap']:.4f} | {g['mean_gap']:.4f} | {g['cut_jump']:.4f} |")
     for b in p["ablation_budgets"]:
         pts = [(m, q) for m in ABLATION for q in sweep_points(out, summary, m, b)]
         if not pts:
@@ -236,7 +248,7 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
                   f"{pl['decay_epochs']} decay + {pl['finetune_epochs']} fine-tuning epochs per method."]
     runs = compute(out)
     where = "; ".join(f"{m} ({k} phases)" for m, k in sorted(runs["machines"].items(), key=lambda kv: -kv[1]))
-    lines += ["", f"Compute: teacher {t['train_seconds'] / 3600:.1f} h on {t['machine']}, {t['threads']} threads; "
+    lines += ["", f"Compute: teacher {t['train_seconds'] / 3600:.1f} h on {t['machine']}, {threads_label(t['threads'])}; "
               f"{runs['runs']} pruning runs (sweep points, finals, seeds) {runs['seconds'] / 3600:.1f} h"
               + (f", their decay and fine-tuning phases on: {where}." if where else ".")]
     return "\n".join(lines)

@@ -3,6 +3,7 @@ ablation, a kill-and-resume that gives bit-identical results, and the report."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,7 @@ def test_study_end_to_end_and_report(tiny: Path, tmp_path: Path) -> None:
     for needle in ("Main table", "Strength sweeps", "Seeds", "Sparsity-loss ablation", "speed-up",
                    "What the strength does", "| ceiling only (hard decay) | 0.5 |", "| loss only (no ceiling) | 0.1 |"):
         assert needle in text
-    assert "phases on: " in text and "threads (" in text  # where every decay and fine-tuning ran
+    assert "phases on: " in text and re.search(r"\d+ threads? \(", text)  # where every decay and fine-tuning ran
     page = tmp_path / "docs" / "results.md"
     page.parent.mkdir()
     page.write_text(f"# Results\n\nbefore\n\n{study_report.BEGIN}\nOLD-BLOCK\n{study_report.END}\n\nafter\n")
@@ -192,6 +193,25 @@ def test_penalties_sweep_both_ways_of_choosing_units(tiny: Path, tmp_path: Path)
     assert md.count_macs(student, torch.randn(1, 3, 32, 32)) == final["macs"]
     with pytest.raises(yaml_config.ConfigError, match="select: one or both of plan, cut"):
         _cfg(tiny, tmp_path / "bad", **{**prune, "select": ["end"]})
+
+
+def test_sparsity_loss_both_ways_and_its_ablation_arm(tiny: Path, tmp_path: Path) -> None:
+    """The sparsity loss is swept both ways (the cut way: every mask pulled, no ceiling); the ablation keeps its own
+    arm, the plan's way, with its seeds, whichever way wins the main table."""
+    prune = {"methods": ["sparsity"], "seed_top": 0, "seed_methods": ["sparsity"], "extra_seeds": [1],
+             "sweep": {"sparsity": [0.1], "sparsity_loss_only": [0.1]}, "select": ["plan", "cut"]}
+    summary = study.run(_cfg(tiny, tmp_path / "sp", **prune))
+    runs = tmp_path / "sp" / "runs"
+    cut = json.loads((runs / "sparsity-0.5-s0.1-cut-seed0" / "history.json").read_text())
+    assert cut["select"] == "cut" and cut["regularizer"]["scope"] == "all" and not cut["regularizer"]["ceiling"]
+    main = [f for f in summary["finals"] if f["method"] == "sparsity" and "arm" not in f]
+    arms = [f for f in summary["finals"] if f["method"] == "sparsity" and "arm" in f]
+    assert [f["seed"] for f in main] == [0] and {q["select"] for q in main[0]["sweep"]} == {"plan", "cut"}
+    assert sorted(f["seed"] for f in arms) == [0, 1]
+    assert all(f["select"] == "plan" and f["arm"] == "plan" and "-cut" not in f["run"] for f in arms)
+    text = study_report.main(tmp_path / "sp", measure=False)
+    row = next(line for line in text.splitlines() if line.startswith("| loss + ceiling (sparsity loss) | 0.5 |"))
+    assert "(n=2)" in row  # the arm's two seeds
 
 
 def test_carve_uneven_classes() -> None:
