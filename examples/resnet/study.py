@@ -767,8 +767,8 @@ def run(cfg: StudyConfig, stage: str = "all") -> dict[str, Any] | None:
         torch.set_num_threads(cfg.threads)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(cfg)
-    log.info("data: %d train, %d validation, %d test images (%s); %s, %d threads", len(data.train), len(data.val or ()),
-             len(data.test), data.test.note, cpu_label(), torch.get_num_threads())
+    log.info("data: %d train, %d validation, %d test images (%s); %s, %s", len(data.train), len(data.val or ()),
+             len(data.test), data.test.note, cpu_label(), threads_label(torch.get_num_threads()))
     if cfg.fit_minutes is not None:
         fit_schedule(cfg, data)
     with claim(cfg.out_dir / "state" / "teacher.lock", wait=True):  # other workers wait for it, then load it
