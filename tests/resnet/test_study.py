@@ -242,6 +242,7 @@ def test_gpu_recipe_smoke_on_cpu(tiny: Path, tmp_path: Path, monkeypatch: pytest
     for f in finals.values():
         assert f["val_accuracy"] is None and f["macs"] <= 0.47 * summary["teacher_macs"] * 1.03
     text = study_report.main(tmp_path / "gpu", measure=False)  # a report without a validation split
-    assert "| sparsity | plan (l1), on the teacher | 0.47 | 0.01 |" in text
+    assert "| sparsity | plan (l1), on the teacher | 0.47 | 10 |" in text
+    assert "| hard | plan (l1), on the teacher | 0.47 | 0.1 |" in text
     with pytest.raises(yaml_config.ConfigError, match="one strength per method"):
         study.load_config(root / "examples/resnet/configs/resnet56_gpu.yaml", ["prune.sweep.sparsity=[0.1, 1.0]"])
