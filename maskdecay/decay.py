@@ -52,9 +52,9 @@ class MaskDecay:
         select: which units go. ``"plan"``: the plan's removed units, known from step 0 (needed by the schedule-
             driven regularizers). ``"cut"``: the plan's widths, but the units of each group are chosen at step N as
             those the penalty shrank most (smallest :meth:`~maskdecay.Regularizer.unit_scores`: |m| for L1/L2 and
-            ``SparsityLoss(scope="all")``, |gamma| for BN-L1, weight norm for group lasso), as sparsity-training methods prune; the regularizer's scope must
-            be ``"all"``. The new plan replaces :attr:`plan` (and ``masks.plan``), so :func:`maskdecay.export`
-            removes the chosen units.
+            ``SparsityLoss(scope="all")``, |gamma| for BN-L1, weight norm for group lasso), as sparsity-training
+            methods prune; the regularizer's scope must be ``"all"``. The new plan replaces :attr:`plan` (and
+            ``masks.plan``), so :func:`maskdecay.export` removes the chosen units.
     """
 
     def __init__(self, masks: ChannelMasks, plan: Plan, steps: int, schedule: ScheduleLike = "cosine",
@@ -92,8 +92,8 @@ class MaskDecay:
             scores = type(reg).unit_scores is not Regularizer.unit_scores
             if reg.ceiling or reg.follows_schedule or reg.scope != "all" or not scores:
                 raise ValueError(f"select='cut' needs a regularizer that shrinks every unit (scope 'all') and "
-                                 f"follows no schedule (l1, l2, bn, group_lasso, SparsityLoss(scope='all')); {reg.name!r} with scope "
-                                 f"{reg.scope!r} does not")
+                                 f"follows no schedule (l1, l2, bn, group_lasso, SparsityLoss(scope='all')); "
+                                 f"{reg.name!r} with scope {reg.scope!r} does not")
         self.learnable = [self.regularizer.in_scope(i) if self.regularizer.learns_masks else torch.zeros_like(r)
                           for i, r in enumerate(self.removed_masks)]
         for v, lrn in zip(masks.values, self.learnable):

@@ -100,12 +100,18 @@ class Hard(Regularizer):
         return self.decay.zero()
 
 
-def _mask_magnitudes(decay: "MaskDecay", group_index: int) -> torch.Tensor:
-    """|m| of every mask of a group (detached, CPU): what the mask penalties shrink."""
-    return decay.masks.values[group_index].detach().abs().cpu()
+class _MaskPenalty(Regularizer):
+    """A penalty on the masks themselves (learned): it chooses units by |m|."""
+
+    learns_masks = True
+
+    def unit_scores(self, group_index: int) -> torch.Tensor:
+        """|m| of every mask of the group."""
+        assert self.decay is not None
+        return self.decay.masks.values[group_index].detach().abs().cpu()
 
 
-class SparsityLoss(Regularizer):
+class SparsityLoss(_MaskPenalty):
     r"""Our sparsity loss: a reweighted-L1 (log-sum) pull on the masks, under a scheduled ceiling.
 
     .. math::  L_{sp}(t) = \lambda \, (1 - s(t)) \sum_{i \in S} \log(1 + |m_i| / \epsilon), \qquad
@@ -122,12 +128,11 @@ class SparsityLoss(Regularizer):
       only change *when* those masks reach 0, which a shorter schedule does too (``md.schedules.within``).
       ``ceiling=False`` drops the projection (the loss alone pulls the removed masks; what is left is cut at step N).
     * ``scope="all"``: ``S`` = every unit, no ceiling; with ``MaskDecay(select="cut")`` the loss *chooses* the units
-      to remove (the smallest |m| at step N, at the plan's widths), like L1 but with a pull that separates the
-      masks the task defends from those it does not.
+      to remove (the smallest |m| at step N, at the plan's widths), like L1 but with a pull meant to separate the
+      masks the task defends from those it does not (measured in ``docs/sparsity_loss.md``).
     """
 
     name = "sparsity"
-    learns_masks = True
 
     def __init__(self, strength: float = 1e-2, eps: float = 0.05, ceiling: bool | None = None,
                  scope: str = "removed") -> None:
@@ -146,18 +151,12 @@ class SparsityLoss(Regularizer):
             total = total + (torch.log1p(v.abs() / self.eps) * self.in_scope(i)).sum()
         return self.strength * (1.0 - s) * total
 
-    def unit_scores(self, group_index: int) -> torch.Tensor:
-        """|m| of every mask of the group."""
-        assert self.decay is not None
-        return _mask_magnitudes(self.decay, group_index)
-
     def config(self) -> dict:
         return {**super().config(), "eps": self.eps, "ceiling": self.ceiling}
 
 
-class _MaskNorm(Regularizer):
+class _MaskNorm(_MaskPenalty):
     default_strength = 1e-3
-    learns_masks = True
     power = 1
 
     def penalty(self, t: int, s: float) -> torch.Tensor:
@@ -167,11 +166,6 @@ class _MaskNorm(Regularizer):
             sel = self.in_scope(i)
             total = total + ((v.abs() if self.power == 1 else v.pow(2)) * sel).sum()
         return self.strength * total
-
-    def unit_scores(self, group_index: int) -> torch.Tensor:
-        """|m| of every mask of the group."""
-        assert self.decay is not None
-        return _mask_magnitudes(self.decay, group_index)
 
 
 class L1(_MaskNorm):

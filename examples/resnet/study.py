@@ -640,8 +640,8 @@ class Study:
                 methods.append("sparsity_loss_only")
             for method in methods:
                 jobs[(method, budget, seed)] = partial(self.final, method, budget, seed)
-                if budget in self.p.ablation_budgets and self._arm(method):
-                    jobs[(method, budget, seed, "arm")] = partial(self.final, method, budget, seed, self._arm(method))
+                if budget in self.p.ablation_budgets and (arm := self._arm(method)):
+                    jobs[(method, budget, seed, "arm")] = partial(self.final, method, budget, seed, arm)
         done = lambda results: self.write_summary(list(results.values()))  # noqa: E731
         finals = list(gather(jobs, wait=True, on_done=done).values())
         first = self.p.budgets[0]

@@ -157,7 +157,8 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
     cfg = summary["config"]
     p = cfg["prune"]
     lines = [f"Data: {summary.get('data', DATA_NOTE)}; {t['n_train']:,} training, {t['n_val']:,} validation (held "
-             f"out of the training set), {t['n_test']:,} test images. Machine: {t['machine']}, {threads_label(t['threads'])}.", "",
+             f"out of the training set), {t['n_test']:,} test images. Machine: {t['machine']}, "
+             f"{threads_label(t['threads'])}.", "",
              f"**Teacher** ({summary['arch']}, {len(t['curve'])} epochs, {t['train_seconds'] / 60:.0f} min): "
              f"**{last['test_accuracy']:.2f} %** test, {_acc(last['val_accuracy'])} % validation, "
              f"{summary['teacher_macs'] / 1e6:.2f} M MACs.", ""]
@@ -190,7 +191,8 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
     if swept:
         lines += ["", "**Strength sweeps** (validation accuracy after the decay and 1 epoch of fine-tuning; best in "
                   "bold; for the penalties swept both ways, *plan*: the plan's channels go, *cut*: those the penalty "
-                  "shrank most (the sparsity loss then on every channel, without its ceiling); for hard decay, the fraction of the decay phase its schedule takes):", "",
+                  "shrank most (the sparsity loss then on every channel, without its ceiling); for hard decay, the "
+                  "fraction of the decay phase its schedule takes):", "",
                   "| method | budget | strength → validation accuracy |", "|---|---|---|"]
     for m, budget, f in swept:
         modes = {q.get("select", "plan") for q in f["sweep"]}
@@ -248,7 +250,8 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
                   f"{pl['decay_epochs']} decay + {pl['finetune_epochs']} fine-tuning epochs per method."]
     runs = compute(out)
     where = "; ".join(f"{m} ({k} phases)" for m, k in sorted(runs["machines"].items(), key=lambda kv: -kv[1]))
-    lines += ["", f"Compute: teacher {t['train_seconds'] / 3600:.1f} h on {t['machine']}, {threads_label(t['threads'])}; "
+    lines += ["", f"Compute: teacher {t['train_seconds'] / 3600:.1f} h on {t['machine']}, "
+              f"{threads_label(t['threads'])}; "
               f"{runs['runs']} pruning runs (sweep points, finals, seeds) {runs['seconds'] / 3600:.1f} h"
               + (f", their decay and fine-tuning phases on: {where}." if where else ".")]
     return "\n".join(lines)
