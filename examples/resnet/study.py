@@ -15,7 +15,8 @@ command can be killed at any time and started again, on another machine too, onc
    batches, so its checkpoint is reused), then ``finetune_epochs`` of fine-tuning, scored on the test set.
 3. **Seeds**: the ``seed_top`` best methods of the first budget (by final validation accuracy), and the
    ``seed_methods`` (e.g. the two arms of the sparsity-loss ablation), run again with each of ``extra_seeds`` (other
-   batches and augmentation from the same teacher).
+   batches and augmentation from the same teacher). The ``seed_methods``' seeds need no ranking: they run with the
+   finals of step 2, and the pieces of the sparsity-loss ablation (at ``ablation_budgets``) go first.
 
 Several processes can share one folder: start the same command again (e.g. twice with ``--set threads=1`` on two
 cores). Each piece (the teacher, one run) is claimed through a lock file in ``state/`` (:mod:`.claim`); the other
@@ -632,7 +633,8 @@ class Study:
 
         Pieces that another process holds (see :mod:`.claim`) are skipped and come back later, so several processes
         started on the same folder share the work; each returns once every piece is done."""
-        seed = self.cfg.seed
+        seed, first = self.cfg.seed, self.p.budgets[0]
+        ablation = ("sparsity", "hard", "sparsity_loss_only")
         jobs: dict[Any, Callable[[], dict[str, Any]]] = {}
         for budget in self.p.budgets:
             methods = list(self.p.methods)
@@ -642,20 +644,22 @@ class Study:
                 jobs[(method, budget, seed)] = partial(self.final, method, budget, seed)
                 if budget in self.p.ablation_budgets and (arm := self._arm(method)):
                     jobs[(method, budget, seed, "arm")] = partial(self.final, method, budget, seed, arm)
+        for m in self.p.seed_methods if self.p.extra_seeds else ():  # need no ranking: they run with the finals
+            arm = self._arm(m) if first in self.p.ablation_budgets else None
+            jobs.update({(m, first, s, *(["arm"] if arm else [])): partial(self.final, m, first, s, arm)
+                         for s in self.p.extra_seeds})
+        # the ablation's pieces first, so that its question is answered before the rest of the table
+        order = sorted(jobs, key=lambda k: not (k[0] in ablation and k[1] in self.p.ablation_budgets))
+        jobs = {k: jobs[k] for k in order}
         done = lambda results: self.write_summary(list(results.values()))  # noqa: E731
         finals = list(gather(jobs, wait=True, on_done=done).values())
-        first = self.p.budgets[0]
-        if not (self.p.seed_top or self.p.seed_methods) or not self.p.extra_seeds:
+        if not self.p.seed_top or not self.p.extra_seeds:
             return self.write_summary(finals)
         ranked = sorted((f for f in finals if f["budget"] == first and f["method"] in self.p.methods
-                         and "arm" not in f), key=lambda f: -f["val_accuracy"])
+                         and f["seed"] == seed and "arm" not in f), key=lambda f: -f["val_accuracy"])
         top = [f["method"] for f in ranked[:self.p.seed_top]]
-        seeds = {(m, first, s): partial(self.final, m, first, s) for m in top for s in self.p.extra_seeds}
-        for m in self.p.seed_methods:  # the ablation's arms, each its ablation way
-            arm = self._arm(m) if first in self.p.ablation_budgets else None
-            if m not in top or arm:
-                seeds.update({(m, first, s, *(["arm"] if arm else [])): partial(self.final, m, first, s, arm)
-                              for s in self.p.extra_seeds})
+        seeds = {(m, first, s): partial(self.final, m, first, s) for m in top for s in self.p.extra_seeds
+                 if (m, first, s) not in jobs}
         more = lambda results: self.write_summary(finals + list(results.values()))  # noqa: E731
         return self.write_summary(finals + list(gather(seeds, wait=True, on_done=more).values()))
 
