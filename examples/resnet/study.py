@@ -375,6 +375,10 @@ class Run:
         return f"{self.method}-{self.budget:g}{s}{cut}-seed{self.seed}"
 
 
+class _NotFinished(Exception):
+    """A piece has no result yet (raised while :meth:`Study.finished` looks)."""
+
+
 class Study:
     """The pieces of the study over one output folder; every method reads and writes ``out/``."""
 
@@ -389,6 +393,7 @@ class Study:
         # NCHW by default: on torch 2.13's CPU backend, training a pruned ResNet with 2-channel layers in
         # channels_last crashed; GPUs train channels_last (config channels_last: true)
         self.fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self._finished_only = False  # see finished()
 
     # --------------------------------------------------------------- helpers
     def _dir(self, run: Run) -> Path:
@@ -512,6 +517,8 @@ class Study:
         saved = _read_json(path)
         if saved is not None and saved.get("key") == key:
             return saved
+        if self._finished_only:
+            raise _NotFinished(run.name)
         with claim(self.out / "state" / f"{run.name}.lock"):
             saved = _read_json(path)  # another worker may have finished it since the first look
             if saved is not None and saved.get("key") == key:
@@ -622,6 +629,20 @@ class Study:
                 "sweep": [{"strength": r["strength"], "select": r.get("select", "plan"),
                            "val_accuracy": r["val_accuracy"]} for r in points]}
 
+    def finished(self, jobs: dict[Any, Callable[[], dict[str, Any]]]) -> dict[Any, dict[str, Any]]:
+        """The results of the ``jobs`` whose pieces are all finished, read without running anything."""
+        self._finished_only = True
+        try:
+            results = {}
+            for key, job in jobs.items():
+                try:
+                    results[key] = job()
+                except _NotFinished:
+                    pass
+            return results
+        finally:
+            self._finished_only = False
+
     def _arm(self, method: str) -> str | None:
         """``"plan"`` for an ablation method that could also choose its own units (its ablation arm is the plan's
         way), else None."""
@@ -651,7 +672,10 @@ class Study:
         # the ablation's pieces first, so that its question is answered before the rest of the table
         order = sorted(jobs, key=lambda k: not (k[0] in ablation and k[1] in self.p.ablation_budgets))
         jobs = {k: jobs[k] for k in order}
-        done = lambda results: self.write_summary(list(results.values()))  # noqa: E731
+        ready = self.finished(jobs)  # in summary.json from the start, while the first pieces still run
+        done = lambda results: self.write_summary([{**ready, **results}[k] for k in jobs  # noqa: E731
+                                                   if k in ready or k in results])
+        done({})
         finals = list(gather(jobs, wait=True, on_done=done).values())
         if not self.p.seed_top or not self.p.extra_seeds:
             return self.write_summary(finals)

@@ -99,17 +99,19 @@ def compute(out: Path) -> dict[str, Any]:
     return {"runs": n, "seconds": total, "machines": machines}
 
 
-def sweep_points(out: Path, summary: dict[str, Any], method: str, budget: float) -> list[dict[str, Any]]:
-    """The finished sweep points of ``method`` at ``budget`` (seed of the study), by strength: each its short
-    fine-tuning's result plus ``history`` (the mask history of its decay, or None)."""
+def sweep_points(out: Path, summary: dict[str, Any], method: str, budget: float, select: str | None = None
+                 ) -> list[dict[str, Any]]:
+    """The finished sweep points of ``method`` at ``budget`` (seed of the study; only those that chose their units
+    the way ``select`` says, if given), by strength: each its short fine-tuning's result plus ``history`` (the mask
+    history of its decay, or None)."""
     cfg = summary["config"]
     epochs, seed = cfg["prune"]["sweep_finetune_epochs"], cfg["seed"]
     points = []
     for run in (out / "runs").glob(f"{method}-{budget:g}-s*-seed{seed}"):
         res, hist = run / f"result-ft{epochs}.json", run / "history.json"
-        if res.is_file():
-            points.append({**json.loads(res.read_text()),
-                           "history": json.loads(hist.read_text()) if hist.is_file() else None})
+        result = json.loads(res.read_text()) if res.is_file() else None
+        if result is not None and select in (None, result.get("select", "plan")):
+            points.append({**result, "history": json.loads(hist.read_text()) if hist.is_file() else None})
     return sorted(points, key=lambda q: q["strength"])
 
 
@@ -227,7 +229,7 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
                          f"{_pm([r['test_accuracy'] for r in rs])} | {_acc(f['accuracy_after_cut_val'])} | "
                          f"{g['max_gap']:.4f} | {g['mean_gap']:.4f} | {g['cut_jump']:.4f} |")
     for b in p["ablation_budgets"]:
-        pts = [(m, q) for m in ABLATION for q in sweep_points(out, summary, m, b)]
+        pts = [(m, q) for m in ABLATION for q in sweep_points(out, summary, m, b, "plan")]
         if not pts:
             continue
         se = _se(pts[0][1]["val_accuracy"], t["n_val"])
@@ -308,7 +310,7 @@ def plot_all(out: Path, summary: dict[str, Any]) -> list[str]:
     seed0 = _seed0(summary)
     styles = {"hard": ("-", "C0"), "sparsity": ("-", "C1"), "sparsity_loss_only": ("--", "C2")}
     for budget in summary["config"]["prune"]["ablation_budgets"]:
-        points = {m: [q for q in sweep_points(out, summary, m, budget) if q["history"]] for m in ABLATION}
+        points = {m: [q for q in sweep_points(out, summary, m, budget, "plan") if q["history"]] for m in ABLATION}
         if not any(points.values()):
             continue
         fig, ax = plt.subplots(1, 3, figsize=(16, 4.4))

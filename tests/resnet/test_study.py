@@ -87,7 +87,7 @@ def test_config_errors() -> None:
                                                           "sweep": {"hard": [0.5, 2.0]}}})
 
 
-def test_study_end_to_end_and_report(tiny: Path, tmp_path: Path) -> None:
+def test_study_end_to_end_and_report(tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _cfg(tiny, tmp_path / "s")
     summary = study.run(cfg)
     finals = summary["finals"]
@@ -118,6 +118,15 @@ def test_study_end_to_end_and_report(tiny: Path, tmp_path: Path) -> None:
     # a second call reuses everything
     again = study.run(cfg)
     assert [f["val_accuracy"] for f in again["finals"]] == [f["val_accuracy"] for f in finals]
+    # with the first piece to redo, summary.json lists every finished piece before that piece runs (the seeds of the
+    # best methods wait for the ranking)
+    (tmp_path / "s" / "runs" / finals[0]["run"] / "result-ft2.json").unlink()
+    monkeypatch.setattr(study.Study, "_finetune", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+    with pytest.raises(_Killed):
+        study.run(cfg)
+    monkeypatch.undo()
+    listed = json.loads((tmp_path / "s" / "summary.json").read_text())["finals"]
+    assert [f["run"] for f in listed] == [f["run"] for f in finals[1:] if f["seed"] == 0 or f["method"] == "hard"]
     # `make demo` prunes the study's teacher through the prune pipeline, scored on the demo's own test images
     demo = config.from_dict({
         "name": "demo", "out": str(tmp_path / "demo"), "data": {"path": str(tiny), "test_subset": 20},
@@ -215,6 +224,9 @@ def test_sparsity_loss_both_ways_and_its_ablation_arm(tiny: Path, tmp_path: Path
     text = study_report.main(tmp_path / "sp", measure=False)
     row = next(line for line in text.splitlines() if line.startswith("| loss + ceiling (sparsity loss) | 0.5 |"))
     assert "(n=2)" in row  # the arm's two seeds
+    # "What the strength does" shows the plan way only: the cut way has no ceiling
+    strength = text[text.index("**What the strength does**"):].split("\n\n")[1]
+    assert sum(line.startswith("| loss + ceiling (sparsity loss) | 0.1 |") for line in strength.splitlines()) == 1
 
 
 def test_carve_uneven_classes() -> None:
