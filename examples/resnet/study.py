@@ -665,10 +665,10 @@ class Study:
                 jobs[(method, budget, seed)] = partial(self.final, method, budget, seed)
                 if budget in self.p.ablation_budgets and (arm := self._arm(method)):
                     jobs[(method, budget, seed, "arm")] = partial(self.final, method, budget, seed, arm)
-        for m in self.p.seed_methods if self.p.extra_seeds else ():  # need no ranking: they run with the finals
-            arm = self._arm(m) if first in self.p.ablation_budgets else None
-            jobs.update({(m, first, s, *(["arm"] if arm else [])): partial(self.final, m, first, s, arm)
-                         for s in self.p.extra_seeds})
+        for s in self.p.extra_seeds:  # the seed_methods' seeds need no ranking: they run with the finals
+            for m in self.p.seed_methods:
+                arm = self._arm(m) if first in self.p.ablation_budgets else None
+                jobs[(m, first, s, *(["arm"] if arm else []))] = partial(self.final, m, first, s, arm)
         # the ablation's pieces first, so that its question is answered before the rest of the table
         order = sorted(jobs, key=lambda k: not (k[0] in ablation and k[1] in self.p.ablation_budgets))
         jobs = {k: jobs[k] for k in order}
