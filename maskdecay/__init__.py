@@ -5,7 +5,7 @@ Typical use::
     import maskdecay as md
     masks = md.ChannelMasks(model, example_inputs, ignored_layers=[model.fc])
     plan = md.plan(masks, macs=0.5)
-    decay = md.MaskDecay(masks, plan, steps=2000, regularizer="sparsity")
+    decay = md.MaskDecay(masks, plan, steps=2000)  # removed masks follow a cosine to 0 ("hard")
     ...  # loss = task + decay.penalty(); loss.backward(); opt.step(); decay.step()
     student = md.export(model, masks, optimizer=opt)
     md.save_pruned("student.pt", student, plan)

@@ -23,7 +23,7 @@ class MaskDecay:
 
     ::
 
-        decay = md.MaskDecay(masks, plan, steps=2000, schedule="cosine", regularizer="sparsity")
+        decay = md.MaskDecay(masks, plan, steps=2000, schedule="cosine", regularizer="hard")
         for x, y in loader:
             loss = task_loss(model(x), y) + decay.penalty()
             opt.zero_grad(); loss.backward(); opt.step()
@@ -40,7 +40,9 @@ class MaskDecay:
         plan: a :class:`~maskdecay.Plan` made for these masks.
         steps: length N of the decay phase, in optimizer steps.
         schedule: ``"linear"``, ``"cosine"``, ``"exp"``, ``"step"`` or ``f(t, N) -> [0, 1]``.
-        regularizer: ``"sparsity"``, ``"hard"``, ``"l1"``, ``"l2"``, ``"bn"``, ``"group_lasso"`` or an instance.
+        regularizer: ``"hard"`` (the removed masks follow the schedule, no loss), ``"sparsity"``, ``"l1"``,
+            ``"l2"``, ``"bn"``, ``"group_lasso"`` or an instance (see ``docs/sparsity_loss.md`` for what each
+            measured).
         mask_lr: step size of the mask updates.
         mask_grad_clip: clip every mask gradient to ``[-c, c]`` before the step (None: no clipping), so no mask moves
             more than ``mask_lr * c`` per step. Plain SGD on the masks depends on the loss scale: with an image
@@ -58,7 +60,7 @@ class MaskDecay:
     """
 
     def __init__(self, masks: ChannelMasks, plan: Plan, steps: int, schedule: ScheduleLike = "cosine",
-                 regularizer: str | Regularizer = "sparsity", mask_lr: float = 0.05, record_every: int | None = None,
+                 regularizer: str | Regularizer = "hard", mask_lr: float = 0.05, record_every: int | None = None,
                  scaler: Any = None, mask_grad_clip: float | None = None, select: str = "plan") -> None:
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")

@@ -19,8 +19,8 @@ def _setup(regularizer, steps: int = 30, schedule: str = "cosine", mask_lr: floa
     x = torch.randn(8, 3, 32, 32)
     masks = md.ChannelMasks(model, x[:1])
     plan = md.plan(masks, macs=0.5)
-    decay = md.MaskDecay(masks, plan, steps=steps, schedule=schedule, regularizer=regularizer, mask_lr=mask_lr,
-                         record_every=1)
+    reg = {} if regularizer is None else {"regularizer": regularizer}  # None: the default
+    decay = md.MaskDecay(masks, plan, steps=steps, schedule=schedule, mask_lr=mask_lr, record_every=1, **reg)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     return model, teacher, x, masks, decay, opt
 
@@ -69,8 +69,9 @@ def test_sparsity_pull_grows_near_zero_and_zeroes_masks_early() -> None:
     assert m.grad[2] > m.grad[1] > m.grad[0]  # the pull grows as the mask shrinks (L2's vanishes)
 
 
-def test_hard_follows_schedule_exactly() -> None:
-    model, teacher, x, masks, decay, opt = _setup("hard", steps=10, schedule="linear")
+@pytest.mark.parametrize("reg", ["hard", None])  # None: the default regularizer, hard decay
+def test_hard_follows_schedule_exactly(reg: str | None) -> None:
+    model, teacher, x, masks, decay, opt = _setup(reg, steps=10, schedule="linear")
     for t in range(1, 11):
         _train_step(model, teacher, x, decay, opt)
         rem, kept = _removed_kept(masks, decay)
