@@ -115,28 +115,36 @@ def sweep_points(out: Path, summary: dict[str, Any], method: str, budget: float,
     return sorted(points, key=lambda q: q["strength"])
 
 
-def _finals(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The finals of the main table and the seeds (not the ablation's arms)."""
-    return [f for f in summary["finals"] if "arm" not in f]
+def main_finals(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The finals of the main table and the seeds: not the ablation's arms, except the seeds of an arm that runs the
+    way its method's main run chose (those are the method's own seeds), each run once."""
+    seed = summary["config"]["seed"]
+    way = {(f["method"], f["budget"]): f.get("select", "plan") for f in summary["finals"]
+           if "arm" not in f and f["seed"] == seed}
+    runs: dict[str, dict[str, Any]] = {}
+    for f in summary["finals"]:
+        if "arm" not in f or f.get("select", "plan") == way.get((f["method"], f["budget"])):
+            runs.setdefault(f["run"], f)
+    return list(runs.values())
 
 
 def _ablation_runs(summary: dict[str, Any], method: str, budget: float) -> list[dict[str, Any]]:
     """The finals of an ablation variant at ``budget``, one per seed: its ablation arm where it has one, else its
     plan-way finals."""
     arms = [f for f in summary["finals"] if f["method"] == method and f["budget"] == budget and "arm" in f]
-    runs = arms or [f for f in _finals(summary) if f["method"] == method and f["budget"] == budget
+    runs = arms or [f for f in main_finals(summary) if f["method"] == method and f["budget"] == budget
                     and f.get("select", "plan") == "plan"]
     return sorted(runs, key=lambda f: f["seed"])
 
 
 def _seed0(summary: dict[str, Any]) -> dict[tuple[str, float], dict[str, Any]]:
     seed = summary["config"]["seed"]
-    return {(f["method"], f["budget"]): f for f in _finals(summary) if f["seed"] == seed}
+    return {(f["method"], f["budget"]): f for f in main_finals(summary) if f["seed"] == seed}
 
 
 def _by_seed(summary: dict[str, Any]) -> dict[tuple[str, float], list[dict[str, Any]]]:
     out: dict[tuple[str, float], list[dict[str, Any]]] = {}
-    for f in _finals(summary):
+    for f in main_finals(summary):
         out.setdefault((f["method"], f["budget"]), []).append(f)
     return out
 

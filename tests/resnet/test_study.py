@@ -229,6 +229,19 @@ def test_sparsity_loss_both_ways_and_its_ablation_arm(tiny: Path, tmp_path: Path
     assert sum(line.startswith("| loss + ceiling (sparsity loss) | 0.1 |") for line in strength.splitlines()) == 1
 
 
+def test_an_arm_run_the_chosen_way_counts_as_its_method_seed() -> None:
+    """The ablation arm's seeds are the method's own seeds when the main run chose the arm's way, and not otherwise."""
+    def final(method: str, seed: int, select: str, arm: bool = False) -> dict:
+        run = f"{method}-0.5-s1{'-cut' if select == 'cut' else ''}-seed{seed}"
+        return {"run": run, "method": method, "budget": 0.5, "seed": seed, "select": select,
+                **({"arm": "plan"} if arm else {})}
+
+    finals = [final("sparsity", 0, "plan"), final("sparsity", 0, "plan", True), final("sparsity", 1, "plan", True),
+              final("l1", 0, "cut"), final("l1", 0, "plan", True), final("l1", 1, "plan", True)]
+    got = study_report.main_finals({"config": {"seed": 0}, "finals": finals})
+    assert [f["run"] for f in got] == ["sparsity-0.5-s1-seed0", "sparsity-0.5-s1-seed1", "l1-0.5-s1-cut-seed0"]
+
+
 def test_carve_uneven_classes() -> None:
     y = torch.tensor([0] * 9 + [1] * 10 + [2] * 10 + [3] * 11)
     split = Split(torch.zeros(40, 3, 32, 32, dtype=torch.uint8), y)
