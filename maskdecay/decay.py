@@ -204,6 +204,8 @@ class MaskDecay:
                 v.masked_fill_(removed, s)
             elif reg.ceiling:
                 v.copy_(torch.where(removed, v.clamp(0.0, s), v))
+            if reg.floor:
+                v.clamp_(min=0.0)
             v.masked_fill_(fixed, 1.0)
 
     def _select(self) -> None:

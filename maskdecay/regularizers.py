@@ -40,6 +40,8 @@ class Regularizer:
         learns_masks: masks get gradient steps (task loss + penalty) in ``MaskDecay.step``.
         ceiling: removed masks are clamped to ``[0, s(t)]`` after every step.
         follows_schedule: removed masks are set to ``s(t)`` (no learning).
+        floor: learned masks are clamped to ``>= 0`` after every step (a pull whose gradient grows near 0 would
+            otherwise carry a mask across 0 in one step, and its |m| back up).
 
     A regularizer that shrinks one quantity per unit also implements :meth:`unit_scores`, so that
     ``MaskDecay(select="cut")`` can remove the units it shrank most.
@@ -50,6 +52,7 @@ class Regularizer:
     learns_masks = False
     ceiling = False
     follows_schedule = False
+    floor = False
 
     def __init__(self, strength: float | None = None, scope: str = "all") -> None:
         strength = self.default_strength if strength is None else strength
@@ -126,13 +129,17 @@ class SparsityLoss(_MaskPenalty):
     * ``scope="removed"`` (default): ``S = R``, the units the plan removes; kept masks stay exactly 1 and the ceiling
       :math:`s(t)` guarantees every removed mask is 0 at step N. With a removed set fixed in advance, the loss can
       only change *when* those masks reach 0, which a shorter schedule does too (``md.schedules.within``).
-      ``ceiling=False`` drops the projection (the loss alone pulls the removed masks; what is left is cut at step N).
+      ``ceiling=False`` drops the ceiling (the loss alone pulls the removed masks; what is left is cut at step N).
     * ``scope="all"``: ``S`` = every unit, no ceiling; with ``MaskDecay(select="cut")`` the loss *chooses* the units
       to remove (the smallest |m| at step N, at the plan's widths), like L1 but with a pull meant to separate the
       masks the task defends from those it does not (measured in ``docs/sparsity_loss.md``).
+
+    Either way the masks are kept ``>= 0`` after every step (:attr:`floor`): near 0 the pull is about
+    ``strength / eps``, and one plain SGD step of it would carry a mask across 0 and its |m| back up.
     """
 
     name = "sparsity"
+    floor = True  # near 0 one SGD step moves a mask by up to mask_lr * strength / eps
 
     def __init__(self, strength: float = 1e-2, eps: float = 0.05, ceiling: bool | None = None,
                  scope: str = "removed") -> None:

@@ -303,6 +303,19 @@ def test_sparsity_loss_on_every_unit() -> None:
     assert decay.done and decay.history["cut_jump"] > 0  # no ceiling: what is left of the removed masks is cut
 
 
+@pytest.mark.parametrize("reg", [md.SparsityLoss(10.0, ceiling=False), md.SparsityLoss(10.0, scope="all")])
+def test_strong_sparsity_loss_without_ceiling_stays_at_zero(reg) -> None:
+    """Near 0 the pull is strength/eps = 200 per unit of mask: one step of mask_lr=0.05 would move a mask by 10.
+    The floor stops it at 0 instead of carrying it across (where |m| would be 10 and the pull would bounce it)."""
+    model, teacher, x, masks, decay, opt = _setup(reg, steps=40)
+    while decay.t < 39:
+        _train_step(model, teacher, x, decay, opt)
+        values = torch.cat([v.detach() for v in masks.values])
+        assert float(values.min()) >= 0.0 and float(values.max()) <= 1.1
+    rem, _ = _removed_kept(masks, decay)
+    assert float(rem.mean()) < 0.05  # the pull emptied them (without a ceiling)
+
+
 def test_select_at_cut_errors_and_resume() -> None:
     model, teacher, x, masks, decay, opt = _setup(md.L1(0.05), steps=3)
     plan0 = decay.plan
