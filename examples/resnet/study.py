@@ -672,9 +672,8 @@ class Study:
         # the ablation's pieces first, so that its question is answered before the rest of the table
         order = sorted(jobs, key=lambda k: not (k[0] in ablation and k[1] in self.p.ablation_budgets))
         jobs = {k: jobs[k] for k in order}
-        ready = self.finished(jobs)  # in summary.json from the start, while the first pieces still run
-        done = lambda results: self.write_summary([{**ready, **results}[k] for k in jobs  # noqa: E731
-                                                   if k in ready or k in results])
+        # summary.json lists every piece finished on disk, by any worker, from the start
+        done = lambda results: self.write_summary(list(self.finished(jobs).values()))  # noqa: E731
         done({})
         finals = list(gather(jobs, wait=True, on_done=done).values())
         if not self.p.seed_top or not self.p.extra_seeds:
@@ -684,7 +683,7 @@ class Study:
         top = [f["method"] for f in ranked[:self.p.seed_top]]
         seeds = {(m, first, s): partial(self.final, m, first, s) for m in top for s in self.p.extra_seeds
                  if (m, first, s) not in jobs}
-        more = lambda results: self.write_summary(finals + list(results.values()))  # noqa: E731
+        more = lambda results: self.write_summary(list(self.finished({**jobs, **seeds}).values()))  # noqa: E731
         return self.write_summary(finals + list(gather(seeds, wait=True, on_done=more).values()))
 
     def write_summary(self, finals: list[dict[str, Any]]) -> dict[str, Any]:
