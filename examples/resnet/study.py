@@ -74,6 +74,8 @@ log = logging.getLogger(__name__)
 STUDY_METHODS: tuple[str, ...] = ("sparsity", "hard", "l1", "l2", "bn_l1", "group_lasso", "tp_l1", "tp_groupnorm",
                                   "sparsity_loss_only")
 """Methods of the study; ``sparsity_loss_only`` is the sparsity loss without its ceiling (the ablation)."""
+ABLATION_METHODS: tuple[str, ...] = ("sparsity", "hard", "sparsity_loss_only")
+"""The arms of the sparsity-loss ablation: loss + ceiling, ceiling only, loss only."""
 NO_STRENGTH: tuple[str, ...] = ("tp_l1",)
 """Methods without a strength; hard decay's "strength" is the fraction of the decay phase its cosine takes
 (``md.schedules.within``), 1 by default."""
@@ -646,7 +648,7 @@ class Study:
     def _arm(self, method: str) -> str | None:
         """``"plan"`` for an ablation method that could also choose its own units (its ablation arm is the plan's
         way), else None."""
-        ablation = method in ("sparsity", "hard", "sparsity_loss_only")
+        ablation = method in ABLATION_METHODS
         return "plan" if ablation and method in SELECTING and set(self.p.select) != {"plan"} else None
 
     def all(self) -> dict[str, Any]:
@@ -655,7 +657,6 @@ class Study:
         Pieces that another process holds (see :mod:`.claim`) are skipped and come back later, so several processes
         started on the same folder share the work; each returns once every piece is done."""
         seed, first = self.cfg.seed, self.p.budgets[0]
-        ablation = ("sparsity", "hard", "sparsity_loss_only")
         jobs: dict[Any, Callable[[], dict[str, Any]]] = {}
         for budget in self.p.budgets:
             methods = list(self.p.methods)
@@ -670,7 +671,7 @@ class Study:
                 arm = self._arm(m) if first in self.p.ablation_budgets else None
                 jobs[(m, first, s, *(["arm"] if arm else []))] = partial(self.final, m, first, s, arm)
         # the ablation's pieces first, so that its question is answered before the rest of the table
-        order = sorted(jobs, key=lambda k: not (k[0] in ablation and k[1] in self.p.ablation_budgets))
+        order = sorted(jobs, key=lambda k: not (k[0] in ABLATION_METHODS and k[1] in self.p.ablation_budgets))
         jobs = {k: jobs[k] for k in order}
         # summary.json lists every piece finished on disk, by any worker, from the start
         done = lambda results: self.write_summary(list(self.finished(jobs).values()))  # noqa: E731
