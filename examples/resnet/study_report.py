@@ -56,7 +56,7 @@ def _pm(values: list[float | None]) -> str:
     if any(v is None for v in values):
         return "–"
     m, sd = _mean_sd(values)
-    return f"{m:.2f} ± {sd:.2f} (n={len(values)})" if len(values) > 1 else f"{m:.2f}"
+    return f"{m:.2f} ± {sd:.2f} (n={len(values)})" if len(values) > 1 else f"{m:.2f} (n=1)"
 
 
 def _se(acc: float, n: int) -> float:
