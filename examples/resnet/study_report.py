@@ -295,18 +295,21 @@ def plot_all(out: Path, summary: dict[str, Any]) -> list[str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for m in summary["config"]["prune"]["methods"] + ["sparsity_loss_only"]:
+    methods = summary["config"]["prune"]["methods"] + ["sparsity_loss_only"]
+    for i, m in enumerate(methods):
+        spread = 1 + 0.012 * (i - (len(methods) - 1) / 2)  # side by side at each budget, not on top of each other
         pts = []
         for (mm, b), fs in sorted(_by_seed(summary).items(), key=lambda kv: kv[0][1]):
             if mm == m:
                 mean, sd = _mean_sd([f["test_accuracy"] for f in fs])
-                pts.append((fs[0]["macs"] / 1e6, mean, sd))
+                pts.append((fs[0]["macs"] / 1e6 * spread, mean, sd))
         if pts:
             x, y, e = zip(*pts)
             ax.errorbar(x, y, yerr=e, fmt="s--" if m.startswith("tp_") else "o-", capsize=3, label=m)
     ax.plot([summary["teacher_macs"] / 1e6], [t["curve"][-1]["test_accuracy"]], "k*", ms=12, label="teacher")
     ax.set(xlabel="MACs per image (M)", ylabel="test accuracy (%)")
     ax.set_title(f"{summary['arch']}: accuracy vs MACs, equal steps and schedule; error bars: sd over seeds\n"
+                 "methods drawn side by side at each budget, 1.2 % of its MACs apart\n"
                  f"({summary.get('data', DATA_NOTE)})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
