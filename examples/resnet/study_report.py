@@ -181,9 +181,9 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
         sep += "---|---|"
     lines += ["**Main table** (seed 0; test accuracy on the full test split; strength chosen on validation):", "",
               head, sep]
-    if lat:
-        lines.append(f"| teacher | – | 1 | – | {last['test_accuracy']:.2f} | – | {summary['teacher_macs'] / 1e6:.2f} M | "
-                     f"– | {lat['teacher']:.2f} ms | 1.00 |")
+    teacher_params = sum(q.numel() for q in build(summary["arch"]).parameters())
+    lines.append(f"| teacher | – | 1 | – | {last['test_accuracy']:.2f} | – | {summary['teacher_macs'] / 1e6:.2f} M | "
+                 f"{teacher_params / 1e3:.0f} k |" + (f" {lat['teacher']:.2f} ms | 1.00 |" if lat else ""))
     for budget in p["budgets"]:
         for m in methods:
             f = seed0.get((m, budget))
