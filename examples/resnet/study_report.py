@@ -202,14 +202,19 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
         lines += ["", "**Strength sweeps** (validation accuracy after the decay and 1 epoch of fine-tuning; best in "
                   "bold; for the penalties swept both ways, *plan*: the plan's channels go, *cut*: those the penalty "
                   "shrank most (the sparsity loss then on every channel, without its ceiling); for hard decay, the "
-                  "fraction of the decay phase its schedule takes):", "",
+                  "fraction of the decay phase its schedule takes; a MAC count in brackets marks a point whose "
+                  "student missed the budget by more than 2 %):", "",
                   "| method | budget | strength → validation accuracy |", "|---|---|---|"]
     for m, budget, f in swept:
         modes = {q.get("select", "plan") for q in f["sweep"]}
+        macs = {(q["strength"], q.get("select", "plan")): q["macs"] for q in sweep_points(out, summary, m, budget)}
         cells = []
         for q in f["sweep"]:
             mode = q.get("select", "plan")
             txt = (f"{mode} " if len(modes) > 1 else "") + f"{q['strength']:g} → {q['val_accuracy']:.2f}"
+            point_macs = macs.get((q["strength"], mode))
+            if point_macs is not None and abs(point_macs / (budget * summary["teacher_macs"]) - 1) > 0.02:
+                txt += f" ({point_macs / 1e6:.2f} M MACs)"
             best = q["strength"] == f["strength"] and mode == f.get("select", "plan")
             cells.append(f"**{txt}**" if best else txt)
         lines.append(f"| {m} | {budget:g} | {', '.join(cells)} |")

@@ -140,6 +140,14 @@ def test_study_end_to_end_and_report(tiny: Path, tmp_path: Path, monkeypatch: py
                    "What the strength does", "| ceiling only (hard decay) | 0.5 |", "| loss only (no ceiling) | 0.1 |"):
         assert needle in text
     assert "phases on: " in text and re.search(r"\d+ threads? \(", text)  # where every decay and fine-tuning ran
+    assert re.search(r"\| teacher \| – \| 1 \| – \| [\d.]+ \| – \| [\d.]+ M \| \d+ k \|", text)
+    # a sweep point whose student missed the budget says so
+    point = next((out / "runs").glob("hard-0.5-s*-seed0/result-ft1.json"))
+    res = json.loads(point.read_text())
+    res["macs"] = 0.3 * teacher_macs
+    point.write_text(json.dumps(res))
+    text = study_report.main(out, measure=False)
+    assert text.count(f"({0.3 * teacher_macs / 1e6:.2f} M MACs)") == 1
     page = tmp_path / "docs" / "results.md"
     page.parent.mkdir()
     page.write_text(f"# Results\n\nbefore\n\n{study_report.BEGIN}\nOLD-BLOCK\n{study_report.END}\n\nafter\n")
