@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import maskdecay as md
 
-from ..hostinfo import threads_label
+from ..hostinfo import cpu_label, threads_label
 from .data import DATA_NOTE
 from .models import build
 from .report import latencies
@@ -160,8 +160,8 @@ def measure_speed(out: Path, summary: dict[str, Any], batch: int, rounds: int, r
     return latencies(models, batch, rounds, runs)
 
 
-def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> str:
-    """The Markdown report."""
+def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None, lat_note: str = "") -> str:
+    """The Markdown report (``lat_note``: how ``lat`` was measured, printed under the main table)."""
     t = summary["teacher"]
     last = t["curve"][-1]
     cfg = summary["config"]
@@ -197,6 +197,8 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None) -> 
             if lat:
                 row += f" {lat[f['run']]:.2f} ms | {lat['teacher'] / lat[f['run']]:.2f} |"
             lines.append(row)
+    if lat and lat_note:
+        lines += ["", lat_note]
     swept = [(m, budget, f) for (m, budget), f in seed0.items() if f["sweep"]]
     if swept:
         lines += ["", "**Strength sweeps** (validation accuracy after the decay and 1 epoch of fine-tuning; best in "
@@ -398,7 +400,10 @@ def main(out: Path, measure: bool = True, batch: int = 64, rounds: int = 7, runs
     returns the Markdown."""
     summary = load(out)
     lat = measure_speed(out, summary, batch, rounds, runs) if measure else None
-    text = tables(out, summary, lat)
+    note = (f"CPU latency: one eval forward of {batch} images (channels_last) on {cpu_label()}, "
+            f"{threads_label(torch.get_num_threads())}; median of {rounds} rounds x {runs} passes, the teacher and the "
+            "students timed in turns, in a shuffled order each round; speed-up = teacher latency / student latency.")
+    text = tables(out, summary, lat, note)
     paths = plot_all(out, summary)
     if docs is not None:
         publish(out, text, paths, docs)
