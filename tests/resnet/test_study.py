@@ -137,7 +137,8 @@ def test_study_end_to_end_and_report(tiny: Path, tmp_path: Path, monkeypatch: py
     assert results["teacher"]["reused"] and results["runs"][0]["reload_exact"]
     text = study_report.main(out, measure=True, batch=2, rounds=1, runs=1)
     for needle in ("Main table", "Strength sweeps", "Seeds", "Sparsity-loss ablation", "speed-up",
-                   "What the strength does", "| ceiling only (hard decay) | 0.5 |", "| loss only (no ceiling) | 0.1 |"):
+                   "What the strength does", "| ceiling only (hard decay) | 0.5 |", "| loss only (no ceiling) | 0.1 |",
+                   "CPU latency: one eval forward of 2 images"):
         assert needle in text
     assert "phases on: " in text and re.search(r"\d+ threads? \(", text)  # where every decay and fine-tuning ran
     assert re.search(r"\| teacher \| – \| 1 \| – \| [\d.]+ \| – \| [\d.]+ M \| \d+ k \|", text)
