@@ -12,6 +12,7 @@ import torch
 import maskdecay as md
 from maskdecay_examples import yaml_config
 from maskdecay_examples.resnet import config, pipeline, study, study_report
+from maskdecay_examples.resnet.__main__ import main as cli
 from maskdecay_examples.resnet.data import Split
 from maskdecay_examples.resnet.stream import StepStream, carve
 
@@ -135,7 +136,9 @@ def test_study_end_to_end_and_report(tiny: Path, tmp_path: Path, monkeypatch: py
         "report": {"latency_batch": 2, "latency_rounds": 1, "latency_runs": 1}})
     results, _ = pipeline.prune(demo)
     assert results["teacher"]["reused"] and results["runs"][0]["reload_exact"]
-    text = study_report.main(out, measure=True, batch=2, rounds=1, runs=1)
+    assert cli(["study-report", str(out), "--batch", "2", "--rounds", "1", "--runs", "1"]) == 0
+    text = (out / "report.md").read_text()
+    assert "median of 1 rounds x 1 passes" in text
     for needle in ("Main table", "Strength sweeps", "Seeds", "Sparsity-loss ablation", "speed-up",
                    "What the strength does", "| ceiling only (hard decay) | 0.5 |", "| loss only (no ceiling) | 0.1 |",
                    "CPU latency: one eval forward of 2 images"):
