@@ -19,16 +19,6 @@ def _config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _pos_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
 # each command imports its modules when it runs: `--help` and config errors stay fast (no Torch-Pruning, no data code)
 def _cmd_train(args: argparse.Namespace) -> None:
     from .pipeline import load_data
@@ -71,6 +61,9 @@ def _cmd_study(args: argparse.Namespace) -> None:
 def _cmd_study_report(args: argparse.Namespace) -> None:
     from .study_report import main as report
 
+    for name in ("batch", "rounds", "runs"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
     print(report(Path(args.out), measure=not args.no_latency, batch=args.batch, rounds=args.rounds,
                  runs=args.runs, docs=Path(args.docs) if args.docs else None))
 
@@ -107,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     sr = sub.add_parser("study-report", help="tables and plots of a study folder (writes OUT/report.md, OUT/plots/)")
     sr.add_argument("out", help="the study folder (out: of the study config)")
     sr.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
-    sr.add_argument("--batch", type=_pos_int, default=64, help="images per timed forward pass")
-    sr.add_argument("--rounds", type=_pos_int, default=7, help="latency rounds (every model once per round, in a "
+    sr.add_argument("--batch", type=int, default=64, help="images per timed forward pass")
+    sr.add_argument("--rounds", type=int, default=7, help="latency rounds (every model once per round, in a "
                     "shuffled order); the median over the rounds is reported")
-    sr.add_argument("--runs", type=_pos_int, default=3, help="timed forward passes per model and round")
+    sr.add_argument("--runs", type=int, default=3, help="timed forward passes per model and round")
     sr.add_argument("--docs", metavar="PAGE", help="also put the tables and plots into this Markdown page, between "
                     "its '<!-- study-report:begin -->' and '<!-- study-report:end -->' lines")
     sr.set_defaults(func=_cmd_study_report)

@@ -139,6 +139,7 @@ def test_study_end_to_end_and_report(tiny: Path, tmp_path: Path, monkeypatch: py
     assert cli(["study-report", str(out), "--batch", "2", "--rounds", "1", "--runs", "1"]) == 0
     text = (out / "report.md").read_text()
     assert "median of 1 rounds x 1 passes" in text
+    assert cli(["study-report", str(out), "--rounds", "0"]) == 2
     for needle in ("Main table", "Strength sweeps", "Seeds", "Sparsity-loss ablation", "speed-up",
                    "What the strength does", "| ceiling only (hard decay) | 0.5 |", "| loss only (no ceiling) | 0.1 |",
                    "CPU latency: one eval forward of 2 images"):
