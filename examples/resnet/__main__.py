@@ -61,9 +61,11 @@ def _cmd_study(args: argparse.Namespace) -> None:
 def _cmd_study_report(args: argparse.Namespace) -> None:
     from .study_report import main as report
 
-    for name in ("batch", "rounds", "runs"):
-        if getattr(args, name) < 1:
+    for name in ("batch", "rounds", "runs", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(report(Path(args.out), measure=not args.no_latency, batch=args.batch, rounds=args.rounds,
                  runs=args.runs, docs=Path(args.docs) if args.docs else None))
 
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     sr.add_argument("--rounds", type=int, default=7, help="latency rounds (every model once per round, in a "
                     "shuffled order); the median over the rounds is reported")
     sr.add_argument("--runs", type=int, default=3, help="timed forward passes per model and round")
+    sr.add_argument("--threads", type=int, help="torch threads for the latency measurement (default: torch's)")
     sr.add_argument("--docs", metavar="PAGE", help="also put the tables and plots into this Markdown page, between "
                     "its '<!-- study-report:begin -->' and '<!-- study-report:end -->' lines")
     sr.set_defaults(func=_cmd_study_report)

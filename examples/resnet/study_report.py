@@ -150,14 +150,24 @@ def _by_seed(summary: dict[str, Any]) -> dict[tuple[str, float], list[dict[str, 
 
 
 def measure_speed(out: Path, summary: dict[str, Any], batch: int, rounds: int, runs: int) -> dict[str, float]:
-    """Interleaved CPU latency (ms, batch ``batch``) of the teacher and every seed-0 final student."""
+    """Interleaved CPU latency (ms, batch ``batch``) of the teacher and every seed-0 final student.
+
+    Latency depends on the layer shapes only, so students of identical shapes (the mask-decay students of one
+    budget share the plan's) are timed once and share that measurement: timing noise cannot tell them apart."""
     arch = summary["arch"]
     teacher = build(arch)
     teacher.load_state_dict(torch.load(out / "teacher.pt", map_location="cpu", weights_only=True)["state_dict"])
     models: dict[str, nn.Module] = {"teacher": teacher.eval().to(memory_format=torch.channels_last)}
+    same: dict[str, str] = {"teacher": "teacher"}  # run -> the run timed for its shapes
+    first: dict[tuple, str] = {}
     for f in _seed0(summary).values():
-        models[f["run"]] = load_student(out / "runs" / f["run"], arch).to(memory_format=torch.channels_last)
-    return latencies(models, batch, rounds, runs)
+        model = load_student(out / "runs" / f["run"], arch)
+        shapes = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items())
+        same[f["run"]] = first.setdefault(shapes, f["run"])
+        if same[f["run"]] == f["run"]:
+            models[f["run"]] = model.to(memory_format=torch.channels_last)
+    lat = latencies(models, batch, rounds, runs)
+    return {run: lat[timed] for run, timed in same.items()}
 
 
 def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None, lat_note: str = "") -> str:
@@ -402,7 +412,8 @@ def main(out: Path, measure: bool = True, batch: int = 64, rounds: int = 7, runs
     lat = measure_speed(out, summary, batch, rounds, runs) if measure else None
     note = (f"CPU latency: one eval forward of {batch} images (channels_last) on {cpu_label()}, "
             f"{threads_label(torch.get_num_threads())}; median of {rounds} rounds x {runs} passes, the teacher and the "
-            "students timed in turns, in a shuffled order each round; speed-up = teacher latency / student latency.")
+            "students timed in turns, in a shuffled order each round (students of identical layer shapes timed once); "
+            "speed-up = teacher latency / student latency.")
     text = tables(out, summary, lat, note)
     paths = plot_all(out, summary)
     if docs is not None:

@@ -136,10 +136,18 @@ def test_study_end_to_end_and_report(tiny: Path, tmp_path: Path, monkeypatch: py
         "report": {"latency_batch": 2, "latency_rounds": 1, "latency_runs": 1}})
     results, _ = pipeline.prune(demo)
     assert results["teacher"]["reused"] and results["runs"][0]["reload_exact"]
-    assert cli(["study-report", str(out), "--batch", "2", "--rounds", "1", "--runs", "1"]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert cli(["study-report", str(out), "--batch", "2", "--rounds", "1", "--runs", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     text = (out / "report.md").read_text()
-    assert "median of 1 rounds x 1 passes" in text
-    assert cli(["study-report", str(out), "--rounds", "0"]) == 2
+    assert "1 thread; median of 1 rounds x 1 passes" in text
+    assert cli(["study-report", str(out), "--rounds", "0"]) == 2 and cli(["study-report", str(out), "--threads", "0"]) == 2
+    # students of the same shapes (hard decay and the loss-only arm share the plan's) are timed once
+    lat = study_report.measure_speed(out, study_report.load(out), batch=2, rounds=1, runs=1)
+    assert lat[by["hard"]["run"]] == lat[by["sparsity_loss_only"]["run"]]
+    assert {"teacher", by["tp_l1"]["run"], by["tp_groupnorm"]["run"]} < set(lat)
     for needle in ("Main table", "Strength sweeps", "Seeds", "Sparsity-loss ablation", "speed-up",
                    "What the strength does", "| ceiling only (hard decay) | 0.5 |", "| loss only (no ceiling) | 0.1 |",
                    "CPU latency: one eval forward of 2 images"):
