@@ -209,13 +209,17 @@ def tables(out: Path, summary: dict[str, Any], lat: dict[str, float] | None, lat
             lines.append(row)
     if lat and lat_note:
         lines += ["", lat_note]
-    swept = [(m, budget, f) for (m, budget), f in seed0.items() if f["sweep"]]
+    sweep_budgets = p.get("sweep_budgets") or p["budgets"]
+    swept = [(m, budget, f) for (m, budget), f in seed0.items() if f["sweep"] and budget in sweep_budgets]
+    unswept = [b for b in p["budgets"] if b not in sweep_budgets]
     if swept:
         lines += ["", "**Strength sweeps** (validation accuracy after the decay and 1 epoch of fine-tuning; best in "
                   "bold; for the penalties swept both ways, *plan*: the plan's channels go, *cut*: those the penalty "
                   "shrank most (the sparsity loss then on every channel, without its ceiling); for hard decay, the "
                   "fraction of the decay phase its schedule takes; a MAC count in brackets marks a point whose "
-                  "student missed the budget by more than 2 %):", "",
+                  "student missed the budget by more than 2 %" + (
+                      f"; the other budgets use the strengths chosen at {sweep_budgets[0]:g}" if unswept else "")
+                  + "):", "",
                   "| method | budget | strength → validation accuracy |", "|---|---|---|"]
     for m, budget, f in swept:
         modes = {q.get("select", "plan") for q in f["sweep"]}
