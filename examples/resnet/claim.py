@@ -49,18 +49,22 @@ def claim(path: Path, wait: bool = False) -> Iterator[None]:
 
 
 def gather(jobs: dict[Hashable, Callable[[], T]], wait: bool, on_done: Callable[[dict], None] | None = None,
-           poll: float | None = None) -> dict[Hashable, T]:
+           poll: float | None = None, more: Callable[[dict], dict[Hashable, Callable[[], T]]] | None = None
+           ) -> dict[Hashable, T]:
     """Run every job, in order, skipping those that raise :class:`Busy` and coming back to them.
 
     A pass that finished a job is followed at once by another (the held jobs may be free by then). After a pass that
     finished none, with ``wait`` the call sleeps ``poll`` seconds (default :data:`POLL_SECONDS`) and tries again;
     without it, :class:`Busy` is raised.
-    ``on_done(results)`` is called after each finished job. Results come back in the order of ``jobs``.
+    ``on_done(results)`` is called after each finished job. ``more(results)``, called after each finished job too,
+    returns jobs that the results so far make possible (e.g. runs chosen from a ranking); those not yet listed are
+    added after the others and run from the next pass on. Results come back in the order of the jobs.
     """
+    jobs = dict(jobs)
     results: dict[Hashable, T] = {}
     while True:
         held, progressed = [], False
-        for key, job in jobs.items():
+        for key, job in list(jobs.items()):
             if key in results:
                 continue
             try:
@@ -71,7 +75,11 @@ def gather(jobs: dict[Hashable, Callable[[], T]], wait: bool, on_done: Callable[
             progressed = True
             if on_done is not None:
                 on_done({k: results[k] for k in jobs if k in results})
-        if not held:
+            if more is not None:
+                new = {k: j for k, j in more(dict(results)).items() if k not in jobs}
+                jobs.update(new)
+                progressed |= bool(new)
+        if not held and all(k in results for k in jobs):
             return {k: results[k] for k in jobs}
         if progressed:
             continue

@@ -15,8 +15,10 @@ command can be killed at any time and started again, on another machine too, onc
    batches, so its checkpoint is reused), then ``finetune_epochs`` of fine-tuning, scored on the test set.
 3. **Seeds**: the ``seed_top`` best methods of the first budget (by final validation accuracy), and the
    ``seed_methods`` (e.g. the two arms of the sparsity-loss ablation), run again with each of ``extra_seeds`` (other
-   batches and augmentation from the same teacher). The ``seed_methods``' seeds need no ranking: they run with the
-   finals of step 2, and the pieces of the sparsity-loss ablation (at ``ablation_budgets``) go first.
+   batches and augmentation from the same teacher). The top methods' seeds can start as soon as the first budget's
+   finals are done (a worker with nothing else to do takes them while the other budgets' finals still run). The
+   ``seed_methods``' seeds need no ranking: they run with the finals of step 2, and the pieces of the sparsity-loss
+   ablation (at ``ablation_budgets``) go first.
 
 Several processes can share one folder: start the same command again (e.g. twice with ``--set threads=1`` on two
 cores). Each piece (the teacher, one run) is claimed through a lock file in ``state/`` (:mod:`.claim`); the other
@@ -673,19 +675,23 @@ class Study:
         # the ablation's pieces first, so that its question is answered before the rest of the table
         order = sorted(jobs, key=lambda k: not (k[0] in ABLATION_METHODS and k[1] in self.p.ablation_budgets))
         jobs = {k: jobs[k] for k in order}
+        listed = dict(jobs)  # every job known so far, the top methods' seeds once they are ranked
+
+        def seeds(results: dict[Any, dict[str, Any]]) -> dict[Any, Callable[[], dict[str, Any]]]:
+            """The top methods' extra seeds, as soon as every final of the first budget is done (the other budgets
+            need not be: a worker with nothing else to do starts the seeds)."""
+            ranking = [results.get((m, first, seed)) for m in self.p.methods]
+            if not self.p.seed_top or not self.p.extra_seeds or None in ranking:
+                return {}
+            top = [f["method"] for f in sorted(ranking, key=lambda f: -f["val_accuracy"])[:self.p.seed_top]]
+            new = {(m, first, s): partial(self.final, m, first, s) for m in top for s in self.p.extra_seeds}
+            listed.update(new)
+            return new
+
         # summary.json lists every piece finished on disk, by any worker, from the start
-        done = lambda results: self.write_summary(list(self.finished(jobs).values()))  # noqa: E731
+        done = lambda results: self.write_summary(list(self.finished(listed).values()))  # noqa: E731
         done({})
-        finals = list(gather(jobs, wait=True, on_done=done).values())
-        if not self.p.seed_top or not self.p.extra_seeds:
-            return self.write_summary(finals)
-        ranked = sorted((f for f in finals if f["budget"] == first and f["method"] in self.p.methods
-                         and f["seed"] == seed and "arm" not in f), key=lambda f: -f["val_accuracy"])
-        top = [f["method"] for f in ranked[:self.p.seed_top]]
-        seeds = {(m, first, s): partial(self.final, m, first, s) for m in top for s in self.p.extra_seeds
-                 if (m, first, s) not in jobs}
-        more = lambda results: self.write_summary(list(self.finished({**jobs, **seeds}).values()))  # noqa: E731
-        return self.write_summary(finals + list(gather(seeds, wait=True, on_done=more).values()))
+        return self.write_summary(list(gather(jobs, wait=True, on_done=done, more=seeds).values()))
 
     def write_summary(self, finals: list[dict[str, Any]]) -> dict[str, Any]:
         summary = {"arch": self.cfg.arch, "data": self.data.test.note, "teacher_macs": self.teacher_macs,

@@ -65,6 +65,32 @@ def test_gather_comes_back_to_held_jobs() -> None:
     assert gather({"b": jobs["b"], "c": jobs["c"]}, wait=False) == {"b": "B", "c": "C"}
 
 
+def test_gather_adds_the_jobs_that_results_make_possible() -> None:
+    held = {"b": 2}
+
+    def job(name: str) -> str:
+        if held.get(name, 0) > 0:
+            held[name] -= 1
+            raise Busy(name)
+        return name.upper()
+
+    def more(results: dict) -> dict:  # "d" needs "a" only; "e" needs "b"
+        new = {}
+        if "a" in results:
+            new["d"] = lambda: job("d")
+        if "b" in results:
+            new["e"] = lambda: job("e")
+        return new
+
+    order: list[list[str]] = []
+    jobs = {k: (lambda k=k: job(k)) for k in "abc"}
+    got = gather(jobs, wait=True, poll=0, on_done=lambda r: order.append(list(r)), more=more)
+    assert got == {"a": "A", "b": "B", "c": "C", "d": "D", "e": "E"}
+    # "d" is listed after "a" and runs while "b" is still held; results follow the order of the jobs
+    assert order == [["a"], ["a", "c"], ["a", "c", "d"], ["a", "b", "c", "d"], ["a", "b", "c", "d", "e"]]
+    assert list(got) == ["a", "b", "c", "d", "e"]
+
+
 def _worker(cfg_args: tuple, log: str, start: "mp.synchronize.Barrier") -> None:
     """One study process that records which runs it fine-tuned itself; the workers start together."""
     original = study.Study._finetune
