@@ -675,7 +675,6 @@ class Study:
         # the ablation's pieces first, so that its question is answered before the rest of the table
         order = sorted(jobs, key=lambda k: not (k[0] in ABLATION_METHODS and k[1] in self.p.ablation_budgets))
         jobs = {k: jobs[k] for k in order}
-        listed = dict(jobs)  # every job known so far, the top methods' seeds once they are ranked
 
         def seeds(results: dict[Any, dict[str, Any]]) -> dict[Any, Callable[[], dict[str, Any]]]:
             """The top methods' extra seeds, as soon as every final of the first budget is done (the other budgets
@@ -684,12 +683,12 @@ class Study:
             if not self.p.seed_top or not self.p.extra_seeds or None in ranking:
                 return {}
             top = [f["method"] for f in sorted(ranking, key=lambda f: -f["val_accuracy"])[:self.p.seed_top]]
-            new = {(m, first, s): partial(self.final, m, first, s) for m in top for s in self.p.extra_seeds}
-            listed.update(new)
-            return new
+            return {(m, first, s): partial(self.final, m, first, s) for m in top for s in self.p.extra_seeds}
 
-        # summary.json lists every piece finished on disk, by any worker, from the start
-        done = lambda results: self.write_summary(list(self.finished(listed).values()))  # noqa: E731
+        def done(results: dict[Any, dict[str, Any]]) -> None:
+            """summary.json lists every piece finished on disk, by any worker, from the start."""
+            self.write_summary(list(self.finished({**jobs, **seeds(results)}).values()))
+
         done({})
         return self.write_summary(list(gather(jobs, wait=True, on_done=done, more=seeds).values()))
 
